@@ -1,0 +1,296 @@
+"""HF checkpoints in and out: `from_pretrained` and `save_pretrained`.
+
+Loading streams: each parameter is built with `jax.make_array_from_callback`, whose callback
+reads only the layers and slices that one device shard needs from memory-mapped safetensors, so
+the host never holds two full copies of the weights. Saving fetches one HF tensor at a time and
+writes into a temporary directory that replaces the target only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from jaxrlhf.models.config import (
+    TransformerConfig,
+    config_from_hf,
+    config_to_hf,
+    read_hf_config,
+)
+from jaxrlhf.models.handle import ModelHandle, param_shardings
+from jaxrlhf.models.safetensors_io import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointError,
+    SafetensorsReader,
+    write_safetensors,
+)
+from jaxrlhf.models.transformer import param_shapes
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """One parameter leaf and the HF tensor(s) it comes from."""
+
+    path: tuple[str, ...]  # path in our params tree
+    hf_name: str  # HF tensor name; "{i}" is the layer index for stacked layer params
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.hf_name
+
+
+def _specs(cfg: TransformerConfig, lm_head: bool) -> list[_Spec]:
+    D, H, K, E = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_head
+    same = lambda a: a
+    tr = lambda a: a.T
+
+    def proj_in(heads):  # HF [heads*E, D] <-> ours [D, heads, E]
+        return (lambda a: a.T.reshape(D, heads, E), lambda a: a.reshape(D, heads * E).T)
+
+    def bias_in(heads):  # HF [heads*E] <-> ours [heads, E]
+        return (lambda a: a.reshape(heads, E), lambda a: a.reshape(heads * E))
+
+    # HF o_proj [D, H*E] <-> ours [H, E, D]
+    o_proj = (lambda a: a.T.reshape(H, E, D), lambda a: a.reshape(H * E, D).T)
+    pre = "model.layers.{i}."
+    table: list[tuple[tuple[str, ...], str, tuple]] = [
+        (("embed",), "model.embed_tokens.weight", (same, same)),
+        (("final_norm",), "model.norm.weight", (same, same)),
+        (("layers", "input_norm"), pre + "input_layernorm.weight", (same, same)),
+        (("layers", "post_norm"), pre + "post_attention_layernorm.weight", (same, same)),
+        (("layers", "q"), pre + "self_attn.q_proj.weight", proj_in(H)),
+        (("layers", "k"), pre + "self_attn.k_proj.weight", proj_in(K)),
+        (("layers", "v"), pre + "self_attn.v_proj.weight", proj_in(K)),
+        (("layers", "o"), pre + "self_attn.o_proj.weight", o_proj),
+        (("layers", "gate"), pre + "mlp.gate_proj.weight", (tr, tr)),
+        (("layers", "up"), pre + "mlp.up_proj.weight", (tr, tr)),
+        (("layers", "down"), pre + "mlp.down_proj.weight", (tr, tr)),
+    ]
+    if cfg.qkv_bias:
+        table += [
+            (("layers", "q_bias"), pre + "self_attn.q_proj.bias", bias_in(H)),
+            (("layers", "k_bias"), pre + "self_attn.k_proj.bias", bias_in(K)),
+            (("layers", "v_bias"), pre + "self_attn.v_proj.bias", bias_in(K)),
+        ]
+    if cfg.o_bias:
+        table.append((("layers", "o_bias"), pre + "self_attn.o_proj.bias", (same, same)))
+    if cfg.mlp_bias:
+        table += [
+            (("layers", f"{n}_bias"), pre + f"mlp.{n}_proj.bias", (same, same))
+            for n in ("gate", "up", "down")
+        ]
+    if cfg.qk_norm:
+        table += [
+            (("layers", "q_norm"), pre + "self_attn.q_norm.weight", (same, same)),
+            (("layers", "k_norm"), pre + "self_attn.k_norm.weight", (same, same)),
+        ]
+    if lm_head and not cfg.tie_word_embeddings:
+        table.append((("lm_head",), "lm_head.weight", (tr, tr)))
+    return [_Spec(path, name, fns[0], fns[1]) for path, name, fns in table]
+
+
+def _get(tree: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _load_leaf(
+    reader: SafetensorsReader,
+    spec: _Spec,
+    shape: tuple[int, ...],
+    sharding: jax.sharding.Sharding,
+    dtype: np.dtype,
+    num_layers: int,
+) -> jax.Array:
+    expected = shape[1:] if spec.per_layer else shape
+    names = (
+        [spec.hf_name.format(i=i) for i in range(num_layers)] if spec.per_layer else [spec.hf_name]
+    )
+    for name in names:  # fail before any device work, naming the tensor
+        got = spec.to_ours(np.empty(reader.shape(name), np.bool_)).shape
+        if got != tuple(expected):
+            raise CheckpointError(
+                f"tensor {name!r} has shape {reader.shape(name)}, which does not match the "
+                f"config (expected {expected} after conversion)."
+            )
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        if spec.per_layer:
+            layers = range(num_layers)[index[0]]
+            parts = [spec.to_ours(reader.get(names[i]))[index[1:]].astype(dtype) for i in layers]
+            return np.stack(parts)
+        return np.asarray(spec.to_ours(reader.get(names[0]))[index], dtype=dtype)
+
+    return jax.make_array_from_callback(shape, sharding, shard)
+
+
+def from_pretrained(
+    path: str,
+    dtype: str = "float32",
+    *,
+    compute_dtype: str | None = None,
+    mesh: Mesh | None = None,
+    remat: bool = False,
+    lm_head: bool = True,
+    value_head: bool = False,
+) -> ModelHandle:
+    """Load a local HF directory (Llama / Qwen2 / Qwen3 / Mistral) into a `ModelHandle`.
+
+    ``dtype`` is the parameter dtype; ``compute_dtype`` defaults to it. With a ``mesh``, every
+    parameter is placed directly into its shards. ``value_head=True`` adds a zero-initialised
+    scalar head (a critic or reward model started from a causal LM).
+    """
+    hf = read_hf_config(path)
+    cfg = config_from_hf(
+        hf, param_dtype=dtype, compute_dtype=compute_dtype, remat=remat,
+        where=os.path.join(path, "config.json"),
+    )  # fmt: skip
+    reader = SafetensorsReader(path)
+    shapes = param_shapes(cfg, lm_head=lm_head, value_head=value_head)
+    shardings = param_shardings(cfg, mesh, lm_head=lm_head, value_head=value_head)
+    np_dtype = np.dtype(jax.numpy.dtype(dtype))
+    params: dict[str, Any] = {}
+    for spec in _specs(cfg, lm_head):
+        leaf = _load_leaf(
+            reader, spec, _get(shapes, spec.path), _get(shardings, spec.path), np_dtype,
+            cfg.num_layers,
+        )  # fmt: skip
+        _set(params, spec.path, leaf)
+    if value_head:
+        head_shardings = shardings["value_head"]
+        params["value_head"] = {
+            name: jax.device_put(np.zeros(shapes["value_head"][name], np_dtype), sh)
+            for name, sh in head_shardings.items()
+        }
+    return ModelHandle(config=cfg, params=params, mesh=mesh, hf_config=hf, source_path=path)
+
+
+def _fetch(leaf: jax.Array, layer: int | None) -> np.ndarray:
+    part = leaf if layer is None else leaf[layer]
+    if not part.is_fully_addressable:
+        part = multihost_utils.process_allgather(part, tiled=True)
+    return np.asarray(jax.device_get(part))
+
+
+def save_pretrained(
+    handle: ModelHandle,
+    path: str,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = 4 * 1024**3,
+    tokenizer: Any = None,
+) -> None:
+    """Write ``handle`` as an HF directory that `transformers.AutoModelForCausalLM` loads.
+
+    Tensors are fetched one at a time; the directory appears only when complete (written to a
+    temporary sibling and renamed). Tokenizer files are copied from the source directory, or
+    written from ``tokenizer`` when given. In multi-process runs every process must call this;
+    process 0 writes.
+    """
+    cfg = handle.config
+    if "lm_head" not in handle.params and not cfg.tie_word_embeddings:
+        raise CheckpointError(
+            "this model has no LM head (a value model); it cannot be saved as a causal LM."
+        )
+    out_dtype = np.dtype(jax.numpy.dtype(dtype or cfg.param_dtype))
+    entries = []
+    for spec in _specs(cfg, lm_head=True):
+        leaf = _get(handle.params, spec.path)
+        layers = range(cfg.num_layers) if spec.per_layer else [None]
+        for i in layers:
+            name = spec.hf_name.format(i=i) if spec.per_layer else spec.hf_name
+            shape = spec.to_hf(np.empty(leaf.shape[1:] if spec.per_layer else leaf.shape)).shape
+            produce = lambda leaf=leaf, i=i, spec=spec: spec.to_hf(_fetch(leaf, i))
+            entries.append((name, shape, out_dtype, produce))
+
+    writer = jax.process_index() == 0
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = (
+        tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+        if writer
+        else None
+    )
+    shards: list[list] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = int(np.prod(entry[1])) * out_dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    names = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    )
+    for file, shard in zip(names, shards, strict=True):
+        if writer:
+            write_safetensors(os.path.join(tmp, file), shard)
+        else:  # participate in the collectives of non-addressable fetches
+            for *_, produce in shard:
+                produce()
+    if not writer:
+        return
+    if len(shards) > 1:
+        total = sum(int(np.prod(e[1])) * out_dtype.itemsize for e in entries)
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {e[0]: f for f, s in zip(names, shards, strict=True) for e in s},
+        }
+        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+            json.dump(index, f, indent=2)
+    hf = dict(handle.hf_config or {}) | config_to_hf(cfg)
+    hf.pop("rope_parameters", None)  # config_to_hf wrote the 4.x fields, read by 4.x and 5.x
+    hf.pop("dtype", None)
+    hf["torch_dtype"] = str(jax.numpy.dtype(out_dtype))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    elif handle.source_path:
+        for name in _TOKENIZER_FILES:
+            src = os.path.join(handle.source_path, name)
+            if os.path.isfile(src):
+                shutil.copy2(src, tmp)
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(path) + "-", dir=parent)
+        os.rename(path, os.path.join(old, "model"))
+    os.rename(tmp, path)
+    if old:
+        shutil.rmtree(old)
