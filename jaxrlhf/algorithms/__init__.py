@@ -1,0 +1,71 @@
+"""RL algorithm pieces as pure, jit-friendly functions over masked ``[batch, time]`` grids.
+
+Selected by name from the config through the registries: ``algorithm.policy_loss`` ->
+`POLICY_LOSSES` (ppo, gspo), ``algorithm.advantage_estimator`` -> `ADVANTAGE_ESTIMATORS`
+(gae, grpo, dr_grpo, rloo, reinforce_pp), KL estimators -> `KL_ESTIMATORS` (k1, k2, k3), loss
+aggregation -> `LOSS_AGGREGATIONS`. String arguments (estimator, aggregation, method) are
+static: close over them (``functools.partial``) or mark them static when jitting.
+"""
+
+from jaxrlhf.algorithms.advantages import (
+    gae,
+    group_advantages,
+    overlong_penalty,
+    reinforce_pp_advantages,
+    returns_to_go,
+    scale_and_clip_rewards,
+    scores_to_token_rewards,
+)
+from jaxrlhf.algorithms.aggregation import (
+    Denominators,
+    aggregate,
+    loss_denominators,
+    masked_max,
+    masked_mean,
+    masked_min,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
+from jaxrlhf.algorithms.critic_loss import critic_loss
+from jaxrlhf.algorithms.entropy import entropy_bonus, entropy_from_logits
+from jaxrlhf.algorithms.kl import kl, kl_loss, kl_reward_penalty
+from jaxrlhf.algorithms.policy_loss import behaviour_weights, gspo_actor_loss, ppo_actor_loss
+from jaxrlhf.algorithms.registries import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+)
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
+    "POLICY_LOSSES",
+    "Denominators",
+    "aggregate",
+    "behaviour_weights",
+    "critic_loss",
+    "entropy_bonus",
+    "entropy_from_logits",
+    "gae",
+    "group_advantages",
+    "gspo_actor_loss",
+    "kl",
+    "kl_loss",
+    "kl_reward_penalty",
+    "loss_denominators",
+    "masked_max",
+    "masked_mean",
+    "masked_min",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "overlong_penalty",
+    "ppo_actor_loss",
+    "reinforce_pp_advantages",
+    "returns_to_go",
+    "scale_and_clip_rewards",
+    "scores_to_token_rewards",
+]
