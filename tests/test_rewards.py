@@ -1,4 +1,4 @@
-"""Rewards: math answer table, timeouts, format rewards, registry, dotted paths, parallel scoring."""
+"""Rewards: math answers, timeouts, format rewards, registry, dotted paths, parallel scoring."""
 
 from __future__ import annotations
 
