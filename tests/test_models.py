@@ -314,3 +314,28 @@ def test_mesh_errors():
     assert dict(make_mesh(data=-1, tensor=2, devices=jax.devices()[:4]).shape) == {
         "data": 2, "fsdp": 1, "tensor": 2,
     }  # fmt: skip
+
+
+def test_build_model_from_experiment_config(hf_dir, tmp_path):
+    """`actor.*` config builds the architecture it names; `actor.path` loads the checkpoint."""
+    from jaxrlhf.config import load_config
+    from jaxrlhf.models import build_model
+
+    cfg = load_config(
+        None,
+        [
+            "actor.model_type=llama", "actor.vocab_size=50", "actor.hidden_size=32",
+            "actor.num_heads=4", "actor.num_kv_heads=1", "actor.tie_word_embeddings=false",
+            "actor.rope_scaling.rope_type=llama3", "actor.rope_scaling.factor=4",
+        ],
+    )  # fmt: skip
+    handle = build_model(cfg.actor, value_head=True)
+    assert handle.config.num_kv_heads == 1 and handle.config.rope.rope_type == "llama3"
+    assert handle.params["lm_head"].shape == (32, 50)
+    assert handle.params["value_head"]["kernel"].shape == (32,)
+    model, path = hf_dir
+    loaded = build_model(load_config(None, [f"actor.path={path}"]).actor)
+    ids = [[5, 6, 7]]
+    np.testing.assert_allclose(
+        np.asarray(loaded.logits(ids))[0], _hf_row_logits(model, ids[0]), atol=1e-4, rtol=0
+    )

@@ -1,5 +1,6 @@
 """Decoder-only transformers (Llama / Qwen2 / Qwen3 / Mistral), sharding and HF checkpoint I/O."""
 
+from jaxrlhf.models.build import build_model, transformer_config
 from jaxrlhf.models.config import (
     ModelConfigError,
     RopeConfig,
@@ -27,6 +28,7 @@ __all__ = [
     "ModelHandle",
     "RopeConfig",
     "TransformerConfig",
+    "build_model",
     "config_from_hf",
     "config_to_hf",
     "forward_logits",
@@ -39,5 +41,6 @@ __all__ = [
     "param_shardings",
     "positions_from_mask",
     "save_pretrained",
+    "transformer_config",
     "value_outputs",
 ]
