@@ -215,6 +215,8 @@ class DataConfig:
     max_prompt_len: int = _field(64, ge=1)  # tokens; longer prompts are dropped
     shuffle: bool = True
     apply_chat_template: bool = False
+    strict: bool = False  # True: a bad row (bad JSON, missing key, too long) is an error
+    num_epochs: int | None = _field(None, ge=1)  # None: repeat; the run length is total_steps
 
 
 @dataclass(frozen=True)
@@ -278,6 +280,9 @@ class CheckpointConfig:
     max_to_keep: int | None = _field(3, ge=1)  # None: keep all
     resume: bool = True  # resume from the latest checkpoint in dir if there is one
     save_hf: bool = False  # also export the final actor as an HF directory
+    async_save: bool = True  # write in the background; a partial save is never resumed from
+    keep_best_metric: str | None = None  # e.g. "eval/reward": also keep the best checkpoint(s)
+    best_mode: Literal["max", "min"] = "max"
 
 
 @dataclass(frozen=True)

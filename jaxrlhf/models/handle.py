@@ -98,9 +98,14 @@ def init_model(
     value_head: bool = False,
 ) -> ModelHandle:
     """A randomly initialised model whose parameters are created directly in their shards."""
-    shardings = param_shardings(cfg, mesh, lm_head=lm_head, value_head=value_head)
-    init = jax.jit(
-        functools.partial(init_params, cfg, lm_head=lm_head, value_head=value_head),
-        out_shardings=shardings,
-    )
+    init = _init_fn(cfg, mesh, lm_head, value_head)
     return ModelHandle(config=cfg, params=init(jax.random.key(seed)), mesh=mesh)
+
+
+@functools.cache
+def _init_fn(cfg: TransformerConfig, mesh: Mesh | None, lm_head: bool, value_head: bool):
+    """One compiled initialiser per (config, mesh, heads): tests and launchers call it often."""
+    return jax.jit(
+        functools.partial(init_params, cfg, lm_head=lm_head, value_head=value_head),
+        out_shardings=param_shardings(cfg, mesh, lm_head=lm_head, value_head=value_head),
+    )
