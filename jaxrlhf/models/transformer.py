@@ -281,3 +281,55 @@ def forward_logits(
     hidden = hidden_states(params, cfg, input_ids_bt, positions, segments, mesh)
     logits = lm_logits(params, cfg, hidden)
     return constrain(logits, mesh, ("batch", "seq", "act_vocab"))
+
+
+# --------------------------------------------------------------------------- token log-probs
+
+
+def token_logprobs(
+    params: Params,
+    cfg: TransformerConfig,
+    hidden_btd: jax.Array,
+    targets_bt: jax.Array,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    with_entropy: bool = False,
+    mesh: Mesh | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Log-prob of ``targets_bt[b, t]`` under the logits at position t, float32 ``[B, T]``.
+
+    Pass ``targets_bt`` = the input ids shifted left by one to score each next token. Logits are
+    divided by ``temperature``. With ``chunk_size`` the sequence is processed in chunks under
+    `jax.checkpoint`, so only ``[B, chunk, V]`` float32 logits are live at a time, forward and
+    backward. Also returns the entropy of each position's distribution when ``with_entropy``.
+    """
+    if targets_bt.shape != hidden_btd.shape[:2]:
+        raise ValueError(
+            f"targets {targets_bt.shape} must match the leading axes of hidden {hidden_btd.shape}."
+        )
+
+    def score(h_btd: jax.Array, y_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = constrain(lm_logits(params, cfg, h_btd), mesh, ("batch", "seq", "act_vocab"))
+        if temperature != 1.0:
+            logits = logits / temperature
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        logp = jnp.take_along_axis(logits, y_bt[..., None], axis=-1)[..., 0] - lse
+        if not with_entropy:
+            return logp, jnp.zeros_like(logp)
+        probs = jnp.exp(logits - lse[..., None])
+        return logp, lse - jnp.sum(probs * logits, axis=-1)
+
+    B, T, D = hidden_btd.shape
+    if chunk_size is None or chunk_size >= T:
+        logp, entropy = score(hidden_btd, targets_bt)
+    else:
+        n = -(-T // chunk_size)
+        pad = n * chunk_size - T
+        h = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk_size, D)
+        y = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(B, n, chunk_size)
+        chunked = jax.checkpoint(lambda xs: score(*xs))
+        logp, entropy = jax.lax.map(chunked, (jnp.swapaxes(h, 0, 1), jnp.swapaxes(y, 0, 1)))
+        logp = jnp.swapaxes(logp, 0, 1).reshape(B, n * chunk_size)[:, :T]
+        entropy = jnp.swapaxes(entropy, 0, 1).reshape(B, n * chunk_size)[:, :T]
+    return logp, entropy if with_entropy else None
