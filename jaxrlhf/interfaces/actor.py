@@ -1,0 +1,218 @@
+"""Actor train step (MFC ``actor_train``): policy loss + optional KL-to-reference and entropy
+terms, accumulated over packed micro-batches, one clipped AdamW update.
+
+Batch fields (grid ``[M, S, T]``, token-aligned, see `packing.py`): ``loss_mask``,
+``advantages``, ``old_logp`` (π_old / π_prox: the log-probs the ratio is taken against; not
+needed when ``spec.on_policy``), plus ``behaviour_logp`` when ``spec.decoupled`` (asynchronous
+PPO) and ``ref_logp`` when ``spec.kl_coef > 0`` (also used for the ``kl`` metric whenever given).
+
+π_old from a separate log-prob pass (`compute_logprobs`) is a different XLA program, so at an
+unchanged policy the ratio is 1 only to float rounding (|r − 1| ~ 1e-7). ``spec.on_policy``
+takes π_old = stop_gradient(π_θ) inside the step instead: the ratio is exactly 1 and the extra
+forward pass is saved; it is right when each batch gets a single update.
+
+Metrics per step: ``loss`` (the whole objective), ``pg_loss``, ``kl_loss``, ``entropy_loss``,
+``clip_frac`` (+ ``_low`` / ``_high``, ``dual_clip_frac``), ``approx_kl`` (vs π_old),
+``kl`` (vs the reference), ``entropy``, ``ratio_*``, ``importance_weight_*``, ``tokens``,
+``seqs``, ``grad_norm`` (before clipping), ``lr``, ``update_skipped``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxrlhf.algorithms import POLICY_LOSSES, Denominators, entropy_bonus, kl_loss
+from jaxrlhf.config import AlgorithmConfig, OptimizerConfig
+from jaxrlhf.interfaces.microbatch import (
+    Batch,
+    Shapes,
+    batch_shardings,
+    check_batch,
+    loss_mask,
+    microbatch_logprobs,
+    put_batch,
+    replicated,
+)
+from jaxrlhf.interfaces.packing import PackedBatch
+from jaxrlhf.interfaces.state import ParamLayout, TrainState, state_shardings
+from jaxrlhf.interfaces.train import train_step
+from jaxrlhf.models.config import TransformerConfig
+from jaxrlhf.models.transformer import Params
+from jaxrlhf.optim import lr_schedule, make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorLossSpec:
+    """Static settings of the actor objective (hashable: compiled steps are cached on it)."""
+
+    policy_loss: str = "ppo"  # name in POLICY_LOSSES: ppo | gspo
+    eps_clip: float = 0.2
+    eps_clip_high: float | None = None
+    dual_clip: float | None = None
+    decoupled: bool = False  # weight tokens by π_prox / π_behaviour (needs behaviour_logp)
+    behaviour_weight_cap: float | None = None
+    behaviour_weight_mode: str = "truncate"
+    aggregation: str = "token_mean"
+    norm_constant: float | None = None
+    kl_coef: float = 0.0  # KL-to-reference loss term (needs ref_logp)
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    on_policy: bool = False  # π_old = stop_gradient(π_θ): one update per batch, no old_logp
+    temperature: float = 1.0  # the sampling temperature: logits are divided by it
+    logits_chunk: int | None = None  # tokens per chunk of the log-prob pass (memory bound)
+
+    @classmethod
+    def from_config(
+        cls,
+        algo: AlgorithmConfig,
+        *,
+        temperature: float = 1.0,
+        logits_chunk: int | None = None,
+        on_policy: bool = False,
+    ) -> ActorLossSpec:
+        """The objective ``algorithm.*`` describes (KL in the loss unless ``kl_in_reward``)."""
+        return cls(
+            policy_loss=algo.policy_loss,
+            eps_clip=algo.eps_clip,
+            eps_clip_high=algo.eps_clip_high,
+            dual_clip=algo.dual_clip,
+            decoupled=algo.decoupled_loss,
+            behaviour_weight_cap=algo.behav_imp_weight_cap,
+            behaviour_weight_mode=algo.behav_imp_weight_mode,
+            aggregation=algo.loss_agg,
+            norm_constant=algo.loss_norm_constant,
+            kl_coef=0.0 if algo.kl_in_reward else algo.kl_coef,
+            kl_estimator=algo.kl_estimator,
+            entropy_coef=algo.entropy_coef,
+            on_policy=on_policy,
+            temperature=temperature,
+            logits_chunk=logits_chunk,
+        )
+
+    def required_fields(self) -> tuple[str, ...]:
+        fields = ("loss_mask", "advantages") + (() if self.on_policy else ("old_logp",))
+        fields += ("behaviour_logp",) if self.decoupled else ()
+        return fields + (("ref_logp",) if self.kl_coef > 0 else ())
+
+
+def actor_microbatch_loss(
+    params: Params,
+    mb: Batch,
+    den: Denominators,
+    *,
+    cfg: TransformerConfig,
+    spec: ActorLossSpec,
+    mesh: Mesh | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """This micro-batch's share of the actor objective (normalised by the batch's ``den``)."""
+    logp, entropy = microbatch_logprobs(
+        params,
+        cfg,
+        mb,
+        temperature=spec.temperature,
+        chunk_size=spec.logits_chunk,
+        with_entropy=True,
+        mesh=mesh,
+    )
+    mask = loss_mask(mb)
+    agg = dict(aggregation=spec.aggregation, denominators=den, norm_constant=spec.norm_constant)
+    old_logp = jax.lax.stop_gradient(logp) if spec.on_policy else mb["old_logp"]
+    pg_loss, metrics = POLICY_LOSSES.get(spec.policy_loss)(
+        logp,
+        old_logp,
+        mb["behaviour_logp"] if spec.decoupled else None,
+        mb["advantages"],
+        mask,
+        eps_clip=spec.eps_clip,
+        eps_clip_high=spec.eps_clip_high,
+        dual_clip=spec.dual_clip,
+        behaviour_weight_cap=spec.behaviour_weight_cap,
+        behaviour_weight_mode=spec.behaviour_weight_mode,
+        **agg,
+    )
+    metrics = {k: v for k, v in metrics.items() if k != "loss"} | {"pg_loss": pg_loss}
+    loss = pg_loss
+    if not spec.entropy_coef:  # a metric only: no gradient through the entropy
+        entropy = jax.lax.stop_gradient(entropy)
+    entropy_loss, ent_metrics = entropy_bonus(entropy, mask, coef=spec.entropy_coef, **agg)
+    metrics |= ent_metrics | {"entropy_loss": entropy_loss}
+    loss = loss + entropy_loss
+    if "ref_logp" in mb:
+        logp_for_kl = logp if spec.kl_coef else jax.lax.stop_gradient(logp)
+        kl_term, kl_metrics = kl_loss(
+            logp_for_kl, mb["ref_logp"], mask, coef=spec.kl_coef, estimator=spec.kl_estimator, **agg
+        )
+        metrics |= kl_metrics | {"kl_loss": kl_term}
+        loss = loss + kl_term
+    metrics["loss"] = loss
+    metrics["seqs"] = jnp.sum(jnp.any(mask > 0, axis=-1), dtype=jnp.float32)
+    return loss, jax.lax.stop_gradient(metrics)
+
+
+def actor_train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    cfg: TransformerConfig,
+    spec: ActorLossSpec,
+    opt_cfg: OptimizerConfig,
+    total_steps: int | None = None,
+    mesh: Mesh | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Pure actor update on a stacked packed batch; jit it (or use `compile_actor_train_step`)."""
+    check_batch(
+        tuple((k, tuple(v.shape)) for k, v in batch.items()), spec.required_fields(), "actor"
+    )
+    layout = ParamLayout.of(state.params)
+    tx = make_optimizer(opt_cfg, total_steps)
+    grad_shardings = None if mesh is None else state_shardings(cfg, layout, tx, mesh).params
+    mb_loss = functools.partial(actor_microbatch_loss, cfg=cfg, spec=spec, mesh=mesh)
+    return train_step(mb_loss, tx, lr_schedule(opt_cfg, total_steps), state, batch, grad_shardings)
+
+
+@functools.lru_cache(maxsize=32)
+def compile_actor_train_step(
+    cfg: TransformerConfig,
+    spec: ActorLossSpec,
+    opt_cfg: OptimizerConfig,
+    total_steps: int | None,
+    mesh: Mesh | None,
+    layout: ParamLayout,
+    shapes: Shapes,
+):
+    """`actor_train_step` jitted for one (config, mesh, batch shape): explicit shardings, the
+    state donated (it is replaced). Cached, so equal shapes reuse the compiled step."""
+    check_batch(shapes, spec.required_fields(), "actor")
+    tx = make_optimizer(opt_cfg, total_steps)
+    state_sh = state_shardings(cfg, layout, tx, mesh)
+    step = functools.partial(
+        actor_train_step, cfg=cfg, spec=spec, opt_cfg=opt_cfg, total_steps=total_steps, mesh=mesh
+    )
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, batch_shardings(shapes, mesh)),
+        out_shardings=(state_sh, replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def actor_train(
+    state: TrainState,
+    packed: PackedBatch,
+    *,
+    cfg: TransformerConfig,
+    spec: ActorLossSpec,
+    opt_cfg: OptimizerConfig,
+    total_steps: int | None = None,
+    mesh: Mesh | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Host entry: transfer ``packed`` and run the cached compiled step. ``state`` is donated."""
+    step = compile_actor_train_step(
+        cfg, spec, opt_cfg, total_steps, mesh, ParamLayout.of(state.params), packed.shapes()
+    )
+    return step(state, put_batch(packed, mesh))
