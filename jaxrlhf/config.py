@@ -48,6 +48,7 @@ __all__ = [
     "RewardConfig",
     "RewardModelConfig",
     "RopeScalingConfig",
+    "SFTWarmupConfig",
     "config_from_dict",
     "config_to_dict",
     "config_to_yaml",
@@ -217,6 +218,7 @@ class DataConfig:
     apply_chat_template: bool = False
     strict: bool = False  # True: a bad row (bad JSON, missing key, too long) is an error
     num_epochs: int | None = _field(None, ge=1)  # None: repeat; the run length is total_steps
+    eval_size: int | None = _field(256, ge=1)  # held-out prompts per evaluation; None: all
 
 
 @dataclass(frozen=True)
@@ -299,6 +301,15 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class SFTWarmupConfig:
+    """Supervised warm start of the actor on the task's reference answers before RL (toy runs)."""
+
+    steps: int = _field(0, ge=0)  # 0: no warm start
+    lr: float = _field(1e-3, gt=0)
+    batch_size: int = _field(32, ge=1)  # prompt + answer sequences per update
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole experiment; one group per concern."""
 
@@ -314,6 +325,7 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sft_warmup: SFTWarmupConfig = field(default_factory=SFTWarmupConfig)
 
     def __post_init__(self) -> None:
         if self.checkpoint.dir is None:

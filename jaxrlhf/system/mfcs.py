@@ -1,0 +1,295 @@
+"""Implementations of the MFC interfaces named by the dataflow graph (`jaxrlhf.dfg`).
+
+Each interface is registered in `MFC_INTERFACES` under the name the graph uses and exposes one
+method per interface type it serves (``generate``, ``inference``, ``train``, ``compute``). A
+method takes the coordinator's `StepContext`, the `MFC` and the step's data (graph keys ->
+values) and returns the MFC's output keys. Per-token values are lists of token-aligned arrays
+(one per sample), per-sample values are ``[N]`` arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxrlhf.algorithms import ADVANTAGE_ESTIMATORS, kl, masked_whiten, scores_to_token_rewards
+from jaxrlhf.config import Config
+from jaxrlhf.dfg import MFC, MFC_INTERFACES
+from jaxrlhf.generation.sampler import Sampler
+from jaxrlhf.interfaces import (
+    ActorLossSpec,
+    CriticLossSpec,
+    PackedBatch,
+    TrainState,
+    actor_train,
+    bucket_size,
+    compute_logprobs,
+    compute_values,
+    critic_train,
+    pack_sequences,
+    unpack,
+)
+from jaxrlhf.models.config import TransformerConfig
+from jaxrlhf.models.transformer import Params
+from jaxrlhf.system.rollout import Trajectories, generate_trajectories, score
+
+Data = dict[str, Any]
+
+
+@dataclasses.dataclass
+class Models:
+    """The models of one run: the actor and critic train states, the frozen reference."""
+
+    actor_cfg: TransformerConfig
+    actor: TrainState
+    critic_cfg: TransformerConfig | None = None
+    critic: TrainState | None = None
+    ref_cfg: TransformerConfig | None = None
+    ref_params: Params | None = None
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What MFC implementations may use during one step (a host object; no device state)."""
+
+    cfg: Config
+    mesh: Mesh | None
+    models: Models
+    sampler: Sampler
+    tokenizer: Any
+    reward_fn: Any
+    step: int  # 1-based RL step
+    version: int  # policy version that generates this step's samples
+    updates_per_run: int  # optimizer updates over the whole run (the lr schedule horizon)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def batch_shards(self) -> int:
+        return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    @property
+    def temperature(self) -> float:
+        """Log-probs are taken at the sampling temperature (greedy: the plain softmax)."""
+        return self.cfg.generation.temperature or 1.0
+
+    def pack(self, data: Data, fields: dict[str, list[np.ndarray]], max_tokens: int,
+             index: np.ndarray | None = None) -> PackedBatch:  # fmt: skip
+        """Pack samples (all, or ``index``) into fixed-width micro-batches of ``max_tokens``."""
+        select = (lambda xs: xs) if index is None else (lambda xs: [xs[i] for i in index])
+        width = bucket_size(self.cfg.data.max_prompt_len + self.cfg.generation.max_new_tokens)
+        return pack_sequences(
+            select(data["input_ids"]),
+            {k: select(v) for k, v in fields.items()},
+            max_tokens_per_mb=max(max_tokens, width),
+            row_len=width,
+            rows_multiple=self.batch_shards,
+        )
+
+
+def _unpacked(packed: PackedBatch, grid: jax.Array) -> list[np.ndarray]:
+    return unpack(packed, np.asarray(jax.device_get(grid)))
+
+
+# --------------------------------------------------------------------------- actor
+
+
+class PPOActor:
+    """``ppo_actor``: generation (actor), log-probs (ref / proximal) and the policy update."""
+
+    @staticmethod
+    def generate(ctx: StepContext, mfc: MFC, data: Data) -> Data:
+        traj = generate_trajectories(
+            ctx.sampler, data["prompt_batch"], ctx.tokenizer, ctx.cfg.generation,
+            seed=ctx.cfg.experiment.seed * 1_000_003 + ctx.step, version=ctx.version,
+        )  # fmt: skip
+        data["trajectories"] = traj
+        lens = traj.response_lens
+        ctx.metrics |= {
+            "response_len/mean": float(lens.mean()),
+            "response_len/max": int(lens.max()),
+            "response_len/truncated_frac": float(traj.truncated.mean()),
+        }
+        return {
+            "input_ids": traj.input_ids,
+            "response_mask": traj.response_mask,
+            "behav_logprobs": traj.behav_logprobs,
+            "versions": traj.versions,
+            "truncated": traj.truncated,
+        }
+
+    @staticmethod
+    def inference(ctx: StepContext, mfc: MFC, data: Data) -> Data:
+        m = ctx.models
+        params, cfg = (
+            (m.ref_params, m.ref_cfg) if mfc.role == "ref" else (m.actor.params, m.actor_cfg)
+        )
+        packed = ctx.pack(data, {}, mfc.mb_spec.max_tokens or ctx.cfg.actor.max_tokens_per_mb)
+        out = compute_logprobs(params, cfg, packed, temperature=ctx.temperature, mesh=ctx.mesh)
+        return {mfc.outputs[0]: _unpacked(packed, out["logp"])}
+
+    @staticmethod
+    def train(ctx: StepContext, mfc: MFC, data: Data) -> Data:
+        cfg, m = ctx.cfg, ctx.models
+        mask = data["response_mask"]
+        # π_old: the actor's own log-probs before this update, recomputed by the train engine
+        # (equal to the behaviour log-probs up to numerics in sync mode; the gap is a metric).
+        old = PPOActor.inference(
+            ctx, dataclasses.replace(mfc, role="actor", outputs=("old_logp",)), data
+        )["old_logp"]
+        behav = data["behav_logprobs"]
+        gap = np.concatenate(
+            [np.abs(o - b)[k > 0] for o, b, k in zip(old, behav, mask, strict=True)]
+        )
+        ctx.metrics["actor/logprob_gap"] = float(gap.mean()) if gap.size else 0.0
+        ctx.metrics["actor/logprob_gap_max"] = float(gap.max()) if gap.size else 0.0
+        spec = ActorLossSpec.from_config(cfg.algorithm, temperature=ctx.temperature)
+        fields = {"loss_mask": mask, "advantages": data["advantages"], "old_logp": old}
+        if spec.decoupled:
+            fields["behaviour_logp"] = behav
+        if spec.kl_coef > 0:
+            fields["ref_logp"] = data["ref_logprobs"]
+        metrics = _train_epochs(
+            ctx, data, fields, cfg.actor.max_tokens_per_mb, "actor",
+            lambda state, packed: actor_train(
+                state, packed, cfg=m.actor_cfg, spec=spec, opt_cfg=cfg.actor.optimizer,
+                total_steps=ctx.updates_per_run, mesh=ctx.mesh,
+            ),
+        )  # fmt: skip
+        ctx.metrics |= {f"actor/{k}": v for k, v in metrics.items()}
+        return {}
+
+
+def _train_epochs(ctx: StepContext, data: Data, fields: dict, max_tokens: int, role: str, step_fn):
+    """``ppo_epochs`` passes over the batch, each in ``n_minibatches`` optimizer updates."""
+    algo = ctx.cfg.algorithm
+    n = len(data["input_ids"])
+    rng = np.random.default_rng((ctx.cfg.experiment.seed, ctx.step, 0 if role == "actor" else 1))
+    totals: dict[str, float] = {}
+    updates = 0
+    for _ in range(algo.ppo_epochs):
+        order = rng.permutation(n) if algo.n_minibatches > 1 else np.arange(n)
+        for index in np.array_split(order, algo.n_minibatches):
+            packed = ctx.pack(data, fields, max_tokens, np.sort(index))
+            state = getattr(ctx.models, role)
+            state, metrics = step_fn(state, packed)
+            setattr(ctx.models, role, state)
+            for k, v in jax.device_get(metrics).items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            updates += 1
+    return {k: v / updates for k, v in totals.items()}
+
+
+# --------------------------------------------------------------------------- critic
+
+
+class PPOCritic:
+    """``ppo_critic``: value inference and the value update."""
+
+    @staticmethod
+    def inference(ctx: StepContext, mfc: MFC, data: Data) -> Data:
+        m = ctx.models
+        packed = ctx.pack(data, {}, mfc.mb_spec.max_tokens or ctx.cfg.critic.max_tokens_per_mb)
+        out = compute_values(m.critic.params, m.critic_cfg, packed, mesh=ctx.mesh)
+        return {"values": _unpacked(packed, out["values"])}
+
+    @staticmethod
+    def train(ctx: StepContext, mfc: MFC, data: Data) -> Data:
+        cfg, m = ctx.cfg, ctx.models
+        spec = CriticLossSpec.from_config(cfg.algorithm)
+        fields = {"loss_mask": data["response_mask"], "returns": data["returns"]}
+        if spec.value_clip:
+            fields["old_values"] = data["values"]
+        metrics = _train_epochs(
+            ctx, data, fields, cfg.critic.max_tokens_per_mb, "critic",
+            lambda state, packed: critic_train(
+                state, packed, cfg=m.critic_cfg, spec=spec, opt_cfg=cfg.critic.optimizer,
+                total_steps=ctx.updates_per_run, mesh=ctx.mesh,
+            ),
+        )  # fmt: skip
+        ctx.metrics |= {f"critic/{k}": v for k, v in metrics.items()}
+        return {}
+
+
+# --------------------------------------------------------------------------- rewards, advantages
+
+
+class RuleReward:
+    """``rule_reward``: the task verifier / configured reward function on decoded responses."""
+
+    @staticmethod
+    def compute(ctx: StepContext, mfc: MFC, data: Data) -> Data:
+        traj: Trajectories = data["trajectories"]
+        scores = score(traj, ctx.reward_fn, ctx.cfg)
+        groups = scores.reshape(-1, traj.group_size)
+        ctx.metrics |= {
+            "reward/mean": float(scores.mean()),
+            "reward/std": float(scores.std()),
+            "reward/zero_std_group_frac": float((groups.std(axis=1) == 0).mean()),
+        }
+        return {"scores": scores}
+
+
+@functools.lru_cache(maxsize=16)
+def _advantage_fn(estimator: str, group_size: int, gamma: float, lam: float, kl_coef: float,
+                  kl_estimator: str, whiten: bool):  # fmt: skip
+    """Jitted: response-aligned rewards (score at the last token, minus the KL penalty) ->
+    (advantages, returns)."""
+
+    def fn(scores_n, mask_nr, values_nr, logp_nr, ref_nr):
+        rewards = scores_to_token_rewards(scores_n, mask_nr)
+        kl_nr = jnp.zeros_like(rewards)
+        if ref_nr is not None:
+            kl_nr = kl(logp_nr, ref_nr, kl_estimator, mask=mask_nr)
+            rewards = rewards - kl_coef * kl_nr
+        adv, ret = ADVANTAGE_ESTIMATORS.get(estimator)(
+            rewards, mask_nr, values_bt=values_nr, group_size=group_size, gamma=gamma, lam=lam
+        )
+        if whiten:
+            adv = masked_whiten(adv, mask_nr)
+        return adv, ret, kl_nr
+
+    return jax.jit(fn)
+
+
+class Advantages:
+    """``advantages``: token rewards, then the configured estimator (GAE / group / REINFORCE++)."""
+
+    @staticmethod
+    def compute(ctx: StepContext, mfc: MFC, data: Data) -> Data:
+        cfg = ctx.cfg
+        algo = cfg.algorithm
+        traj: Trajectories = data["trajectories"]
+        width = cfg.generation.max_new_tokens
+        mask = traj.response_field(data["response_mask"], width)
+        scores = np.asarray(data["scores"], np.float32)
+        if "rm_scores" in data:
+            scores = scores + np.asarray(data["rm_scores"], np.float32)
+        values = traj.response_field(data["values"], width) if "values" in data else None
+        ref = logp = None
+        if "ref_logprobs" in data:
+            ref = traj.response_field(data["ref_logprobs"], width)
+            logp = traj.response_field(data["behav_logprobs"], width)
+        fn = _advantage_fn(
+            algo.advantage_estimator, traj.group_size, algo.gamma, algo.lam,
+            algo.kl_coef if algo.kl_in_reward else 0.0, algo.kl_estimator,
+            algo.adv_norm and algo.advantage_estimator == "gae",
+        )  # fmt: skip
+        adv, ret, kl_nr = jax.device_get(fn(scores, mask, values, logp, ref))
+        if ref is not None:
+            ctx.metrics["actor/kl_ref"] = float((kl_nr * mask).sum() / max(mask.sum(), 1.0))
+        out = {"advantages": traj.token_field(adv)}
+        if "returns" in mfc.outputs:
+            out["returns"] = traj.token_field(ret)
+        return out
+
+
+MFC_INTERFACES.register("ppo_actor", PPOActor)
+MFC_INTERFACES.register("ppo_critic", PPOCritic)
+MFC_INTERFACES.register("rule_reward", RuleReward)
+MFC_INTERFACES.register("advantages", Advantages)

@@ -1,0 +1,134 @@
+"""Rollout: prompts -> n sampled responses per prompt -> rewards -> `Trajectories`.
+
+Trajectories are per-sample host arrays in the *token-aligned* layout the train steps use: entry
+t of a per-token field belongs to token t of ``prompt + response`` (its log-prob is computed from
+position t - 1). Prompt tokens carry ``response_mask`` 0, so they never enter a loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxrlhf.config import Config, GenerationConfig
+from jaxrlhf.data.pipeline import PromptBatch
+from jaxrlhf.data.readers import PROMPT_TASKS
+from jaxrlhf.generation import generate
+from jaxrlhf.generation.sampler import Sampler
+from jaxrlhf.rewards import get_reward_fn, math_reward
+
+
+@dataclasses.dataclass
+class Trajectories:
+    """One row per sample; samples of one prompt are consecutive (``group_size`` of them)."""
+
+    input_ids: list[np.ndarray]  # int32 [P + R]: prompt then response
+    response_mask: list[np.ndarray]  # float32 [P + R]: 1 at response tokens
+    behav_logprobs: list[np.ndarray]  # float32 [P + R]: behaviour log-prob, 0 at prompt tokens
+    versions: list[np.ndarray]  # int32 [P + R]: policy version per token, -1 at prompt tokens
+    prompt_lens: np.ndarray  # int32 [N]
+    response_lens: np.ndarray  # int32 [N]
+    truncated: np.ndarray  # bool [N]: stopped by max_new_tokens, not by EOS / a stop token
+    prompts: list[str]
+    responses: list[str]
+    answers: list[str]
+    group_size: int
+    scores: np.ndarray | None = None  # float32 [N], filled by `score`
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def response_field(self, values: Sequence[np.ndarray], width: int) -> np.ndarray:
+        """Token-aligned per-sample arrays -> response-aligned ``[N, width]`` (0-padded)."""
+        out = np.zeros((len(self), width), np.float32)
+        for i, (p, n) in enumerate(zip(self.prompt_lens, self.response_lens, strict=True)):
+            out[i, :n] = values[i][p : p + n]
+        return out
+
+    def token_field(self, values_nr: np.ndarray) -> list[np.ndarray]:
+        """Response-aligned ``[N, width]`` -> token-aligned per-sample arrays (0 at prompts)."""
+        out = []
+        for i, (p, n) in enumerate(zip(self.prompt_lens, self.response_lens, strict=True)):
+            row = np.zeros(p + n, np.float32)
+            row[p:] = values_nr[i, :n]
+            out.append(row)
+        return out
+
+
+def generate_trajectories(
+    sampler: Sampler,
+    batch: PromptBatch,
+    tokenizer: Any,
+    gen: GenerationConfig,
+    *,
+    seed: int,
+    version: int,
+    greedy: bool = False,
+) -> Trajectories:
+    """Sample ``gen.n_samples`` responses per prompt (one greedy response when ``greedy``)."""
+    n = 1 if greedy else gen.n_samples
+    out = generate(
+        sampler,
+        batch.input_ids_bt,
+        batch.attention_mask_bt,
+        max_new_tokens=gen.max_new_tokens,
+        temperature=0.0 if greedy else gen.temperature,
+        top_p=1.0 if greedy else gen.top_p,
+        top_k=0 if greedy else (gen.top_k or 0),
+        min_new_tokens=gen.min_new_tokens,
+        seed=seed,
+        eos_token_id=tokenizer.eos_token_id,
+        stop_token_ids=gen.stop_token_ids,
+        n=n,
+        pad_token_id=tokenizer.pad_token_id or 0,
+        version=version,
+    )
+    prompt_rows = [
+        row[m.astype(bool)]
+        for row, m in zip(batch.input_ids_bt, batch.attention_mask_bt, strict=True)
+    ]
+    ids, mask, logp, versions, texts = [], [], [], [], []
+    for r, length in enumerate(out.lengths.tolist()):
+        prompt = prompt_rows[r // n]
+        p = len(prompt)
+        ids.append(np.concatenate([prompt, out.tokens[r, :length]]).astype(np.int32))
+        mask.append(np.concatenate([np.zeros(p), np.ones(length)]).astype(np.float32))
+        logp.append(np.concatenate([np.zeros(p), out.logprobs[r, :length]]).astype(np.float32))
+        versions.append(np.concatenate([np.full(p, -1), out.versions[r, :length]]).astype(np.int32))
+        texts.append(tokenizer.decode(out.tokens[r, :length], skip_special_tokens=True))
+    return Trajectories(
+        input_ids=ids,
+        response_mask=mask,
+        behav_logprobs=logp,
+        versions=versions,
+        prompt_lens=np.asarray([len(prompt_rows[r // n]) for r in range(len(ids))], np.int32),
+        response_lens=out.lengths.astype(np.int32),
+        truncated=np.asarray([reason == "length" for reason in out.finish_reasons]),
+        prompts=[batch.prompts[r // n] for r in range(len(ids))],
+        responses=texts,
+        answers=[batch.answers[r // n] for r in range(len(ids))],
+        group_size=n,
+    )
+
+
+def reward_function(cfg: Config) -> Callable[[str, str], float]:
+    """``reward.fn`` if set; else the built-in task's exact checker, or the math verifier."""
+    if cfg.reward.fn is not None:
+        return get_reward_fn(cfg.reward.fn)
+    task = cfg.data.train_path or "arithmetic"
+    if task in PROMPT_TASKS:
+        return PROMPT_TASKS.get(task)().score
+    return math_reward
+
+
+def score(traj: Trajectories, fn: Callable[[str, str], float], cfg: Config) -> np.ndarray:
+    """Scores of every sample (scaled and clipped as ``reward.*`` says); stored on ``traj``."""
+    raw = np.asarray([fn(r, a) for r, a in zip(traj.responses, traj.answers, strict=True)])
+    scores = raw.astype(np.float32) * cfg.reward.scale
+    if cfg.reward.clip is not None:
+        scores = np.clip(scores, -cfg.reward.clip, cfg.reward.clip)
+    traj.scores = scores
+    return scores
