@@ -115,3 +115,12 @@ def test_launcher_errors_and_graph(tmp_path):
     graph = run("--config", str(ROOT / "configs" / "toy_ppo.yaml"), "--print-graph")
     assert graph.returncode == 0, graph.stderr
     assert "actor_gen" in graph.stdout and "critic_train" in graph.stdout
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_load_and_build_graphs(name):
+    from jaxrlhf.dfg import build_graph
+
+    cfg = load_config(ROOT / "configs" / name)
+    graph = build_graph(cfg)
+    assert ("critic_train" in graph.order) == cfg.use_critic
