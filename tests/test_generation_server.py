@@ -1,0 +1,236 @@
+"""Generation server and manager: continuous batching, interruptible weight updates, bad input."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxrlhf.generation import (
+    GenerationManager,
+    GenerationServer,
+    InvalidRequestError,
+    SamplingParams,
+    generate,
+)
+from jaxrlhf.models import ModelHandle, TransformerConfig, init_model, make_mesh
+
+CFG = TransformerConfig(
+    model_type="qwen2", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+    num_heads=4, num_kv_heads=2, qkv_bias=True, initializer_range=0.3,
+)  # fmt: skip
+SLOTS, SEQ_LEN, CHUNK = 4, 64, 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    return init_model(CFG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def other_params():
+    return init_model(CFG, seed=1).params
+
+
+def _server(model, **kw):
+    kw = dict(max_slots=SLOTS, max_seq_len=SEQ_LEN, decode_chunk=CHUNK, threaded=False) | kw
+    return GenerationServer(model, **kw)
+
+
+def _requests(seed, count):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, 97, rng.integers(1, 20)).tolist() for _ in range(count)]
+    news = [int(k) for k in rng.integers(1, 30, count)]
+    return prompts, news
+
+
+def _teacher_forced(params, prompt, tokens, temperature=1.0):
+    logits = np.asarray(ModelHandle(CFG, params).logits([list(prompt) + list(tokens)]))[0]
+    logits = logits.astype(np.float64) / temperature
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    logp -= logits.max(-1, keepdims=True)
+    return logp[len(prompt) - 1 : -1][np.arange(len(tokens)), tokens]
+
+
+def test_continuous_batching_equals_one_at_a_time(model):
+    """Random arrival order over 4 slots gives each request's one-at-a-time greedy output."""
+    prompts, news = _requests(0, 10)
+    alone = _server(model)
+    expected = [
+        alone.generate([p], SamplingParams(max_new_tokens=k))[0]
+        for p, k in zip(prompts, news, strict=True)
+    ]
+
+    server = _server(model)
+    rng = np.random.default_rng(1)
+    order = rng.permutation(len(prompts))
+    handles = {}
+    for i in order:  # a few decode chunks between arrivals
+        handles[i] = server.submit(prompts[i], SamplingParams(max_new_tokens=news[i]))
+        for _ in range(rng.integers(0, 3)):
+            server.step()
+    server.run_until_idle()
+    for i, want in enumerate(expected):
+        got = handles[i].result().completions[0]
+        np.testing.assert_array_equal(got.tokens, want.completions[0].tokens)
+        np.testing.assert_allclose(got.logprobs, want.completions[0].logprobs, atol=1e-5)
+        assert got.finish_reason == "length" and len(got.tokens) == news[i]
+    # and one-at-a-time equals the batch `generate` path
+    ref = generate(model, [prompts[0]], max_new_tokens=news[0])
+    np.testing.assert_array_equal(expected[0].completions[0].tokens, ref.tokens[0])
+    health = server.health()
+    assert health["completed"] == 10 and health["running"] == health["queued"] == 0
+    assert health["tokens_generated"] == sum(news)
+
+
+def test_sampled_requests_reproducible_across_batching(model):
+    """A seeded request's samples do not depend on what else is in the batch."""
+    prompt = [5, 6, 7, 8]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, n=3, seed=4)
+    server = _server(model)
+    noise = [server.submit(p, SamplingParams(max_new_tokens=k, temperature=0.5)) for p, k in
+             zip(*_requests(2, 3), strict=True)]  # fmt: skip
+    busy = server.submit(prompt, params)
+    server.run_until_idle()
+    quiet = _server(model).generate([prompt], params)[0]
+    ref = generate(model, [prompt], max_new_tokens=12, temperature=1.0, top_p=0.9, n=3, seed=4)
+    for j, completion in enumerate(busy.result().completions):
+        np.testing.assert_array_equal(completion.tokens, quiet.completions[j].tokens)
+        np.testing.assert_array_equal(completion.tokens, ref.tokens[j])
+    assert all(h.result().completions for h in noise)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_weight_update_mid_request(model, other_params, temperature):
+    """Tokens carry both versions; each log-prob is the teacher-forced one of its version."""
+    server = _server(model)
+    prompt = [3, 1, 4, 1, 5, 9, 2]
+    handle = server.submit(
+        prompt, SamplingParams(max_new_tokens=20, temperature=temperature, seed=0)
+    )
+    server.step()
+    server.step()  # two chunks under version 0
+    server.update_weights(other_params, version=1)
+    server.run_until_idle()
+    out = handle.result().completions[0]
+    assert out.versions.tolist() == [0] * 2 * CHUNK + [1] * (20 - 2 * CHUNK)
+    assert server.version == 1
+    T = temperature or 1.0
+    old = _teacher_forced(model.params, prompt, out.tokens, T)
+    new = _teacher_forced(other_params, prompt, out.tokens, T)
+    v0 = out.versions == 0
+    np.testing.assert_allclose(out.logprobs[v0], old[v0], atol=1e-5)
+    np.testing.assert_allclose(out.logprobs[~v0], new[~v0], atol=1e-5)
+    assert np.abs(out.logprobs[~v0] - old[~v0]).max() > 1e-2  # the versions really differ
+
+
+def test_bad_requests_get_errors_and_server_keeps_serving(model):
+    server = _server(model)
+    ok = SamplingParams(max_new_tokens=5)
+    bad = {
+        "prompt is empty": ([], ok),
+        "needs 68 cache slots, more than max_seq_len=64": (
+            [1] * 60,
+            SamplingParams(max_new_tokens=9),
+        ),
+        "max_new_tokens=0 is invalid": ([1, 2], SamplingParams(max_new_tokens=0)),
+        "max_new_tokens=-3 is invalid": ([1, 2], SamplingParams(max_new_tokens=-3)),
+        r"top_p=0 is outside \(0, 1\]": ([1, 2], SamplingParams(max_new_tokens=5, top_p=0)),
+        r"top_p=1.2 is outside \(0, 1\]": ([1, 2], SamplingParams(max_new_tokens=5, top_p=1.2)),
+        "temperature=-1": ([1, 2], SamplingParams(max_new_tokens=5, temperature=-1.0)),
+        r"token id 97 is outside \[0, 97\)": ([1, 97], ok),
+        "integer token ids": (["a"], ok),
+    }
+    good_before = server.submit([1, 2, 3], ok)
+    handles = {msg: server.submit(*args) for msg, args in bad.items()}
+    good_after = server.submit([4, 5], ok)
+    server.run_until_idle()
+    for msg, handle in handles.items():
+        with pytest.raises(InvalidRequestError, match=msg):
+            handle.result()
+    assert len(good_before.result().completions[0].tokens) == 5
+    assert len(good_after.result().completions[0].tokens) == 5
+    assert server.health()["rejected"] == len(bad)
+
+
+def test_device_failure_fails_running_requests_only(model, monkeypatch):
+    server = _server(model)
+    first = server.submit([1, 2, 3], SamplingParams(max_new_tokens=8))
+    original = server._sampler.decode
+    calls = iter([RuntimeError("injected device fault")])
+
+    def flaky(*args, **kwargs):
+        error = next(calls, None)
+        if error is not None:
+            raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(server._sampler, "decode", flaky)
+    server.step()
+    with pytest.raises(RuntimeError, match="injected device fault"):
+        first.result()
+    second = server.submit([1, 2, 3], SamplingParams(max_new_tokens=8))
+    server.run_until_idle()
+    ref = generate(model, [[1, 2, 3]], max_new_tokens=8)
+    np.testing.assert_array_equal(second.result().completions[0].tokens, ref.tokens[0])
+    assert "injected device fault" in server.health()["last_error"]
+
+
+def test_abort_running_and_queued(model):
+    server = _server(model, max_slots=1)
+    running = server.submit([1, 2, 3], SamplingParams(max_new_tokens=40))
+    queued = server.submit([4, 5], SamplingParams(max_new_tokens=4))
+    server.step()
+    assert server.abort(running.request_id) and server.abort(queued.request_id)
+    assert not server.abort("no-such-request")
+    server.run_until_idle()
+    out = running.result().completions[0]
+    assert out.finish_reason == "abort" and len(out.tokens) == CHUNK
+    assert queued.result().completions[0].finish_reason == "abort"
+    assert len(queued.result().completions[0].tokens) == 0
+
+
+def test_threaded_pause_resume_and_update(model, other_params):
+    """Background thread: paused servers hold requests; an update while paused applies."""
+    with GenerationServer(model, max_slots=SLOTS, max_seq_len=SEQ_LEN, decode_chunk=CHUNK) as s:
+        s.pause()
+        handles = [
+            s.submit(p, SamplingParams(max_new_tokens=k))
+            for p, k in zip(*_requests(3, 6), strict=True)
+        ]
+        assert s.health()["queued"] == 6 and not any(h.done() for h in handles)
+        s.update_weights(other_params, version=7, wait=True)
+        assert s.version == 7
+        s.resume()
+        outs = [h.result(timeout=120) for h in handles]
+    assert all(set(o.completions[0].versions.tolist()) == {7} for o in outs)
+    assert not s.health()["alive"]
+    with pytest.raises(RuntimeError, match="closed"):
+        s.submit([1], SamplingParams(max_new_tokens=1)).result()
+
+
+def test_manager_balances_and_reports_health(model, other_params):
+    """Servers on disjoint devices (one, and a 2-device sub-mesh); least-loaded; fan-out update."""
+    mesh = make_mesh(data=2, devices=jax.devices()[2:4])
+    kw = dict(max_slots=SLOTS, max_seq_len=SEQ_LEN, decode_chunk=CHUNK, threaded=False)
+    servers = [
+        GenerationServer(model, name="gen0", **kw),
+        GenerationServer(init_model(CFG, seed=0, mesh=mesh), name="gen1", **kw),
+    ]
+    manager = GenerationManager(servers)
+    prompts, news = _requests(4, 6)
+    handles = [
+        manager.submit(p, SamplingParams(max_new_tokens=k))
+        for p, k in zip(prompts, news, strict=True)
+    ]
+    assert [s.load() for s in servers] == [3, 3]
+    manager.update_weights(other_params, version=2)
+    for server in servers:
+        server.run_until_idle()
+    ref = generate(init_model(CFG, seed=1), [prompts[0]], max_new_tokens=news[0])
+    first = handles[0].result().completions[0]
+    np.testing.assert_array_equal(first.tokens, ref.tokens[0])
+    assert set(first.versions.tolist()) == {2}
+    health = manager.health()
+    assert [h["name"] for h in health] == ["gen0", "gen1"]
+    assert all(h["alive"] and h["version"] == 2 and h["completed"] == 3 for h in health)
+    assert not manager.abort(handles[0].request_id)  # finished requests are forgotten
+    manager.close()
