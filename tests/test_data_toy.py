@@ -35,5 +35,17 @@ def test_arithmetic_task_is_reproducible_and_scored_exactly():
         )
         assert task.score(f" {p.answer} ", p.answer) == 1.0
         assert task.score(p.answer + "0", p.answer) == 0.0
-    assert len({p.prompt for p in task.problems(200, seed=0)}) > 100
+    assert len({p.prompt for p in task.problems(400, seed=0)}) > 100
     assert np.isclose(np.mean([task.score("", p.answer) for p in a]), 0.0)
+
+
+def test_arithmetic_eval_split_is_disjoint_and_covers_the_space():
+    task = ArithmeticTask(max_operand=9, ops=("+", "-"), eval_every=5)
+    assert {p.prompt for p in ArithmeticTask().all_problems("eval")} == {
+        f"{a}{op}{b}=" for op in "+-" for a in range(10) for b in range(10)
+    }
+    train = {p.prompt for p in task.all_problems("train")}
+    held_out = {p.prompt for p in task.all_problems("eval")}
+    assert not train & held_out
+    assert len(train) + len(held_out) == 200 and len(held_out) == 40
+    assert {p.prompt for p in task.problems(2000, seed=1)} <= train

@@ -176,9 +176,12 @@ def read_hf(spec: str, split: str, columns: Sequence[str]) -> tuple[str, Iterato
 
 
 def read_task(name: str, split: str, seed: int, size: int = TOY_DATASET_SIZE) -> Source:
-    """A built-in task's pool of ``size`` problems; the eval split draws from another seed."""
+    """``size`` problems of a built-in task's split (its eval problems never occur in train)."""
     task = PROMPT_TASKS.get(name)()
-    problems = task.problems(size, seed=seed if split == "train" else seed + 1)
+    if split == "eval":  # the whole held-out split, once, in a fixed order
+        problems = task.all_problems("eval")
+    else:
+        problems = task.problems(size, seed=seed, split="train")
     rows = (
         RawRow(f"task:{name} #{i + 1}", {"prompt": p.prompt, "answer": p.answer})
         for i, p in enumerate(problems)

@@ -19,23 +19,39 @@ class Problem:
 class ArithmeticTask:
     """``a+b=`` style problems over integers in ``[0, max_operand]``.
 
-    Responses are scored by `score`: 1.0 when the text before the first EOS, stripped, is
-    exactly the answer.
+    With ``eval_every`` = k > 0 the problem space is split once, deterministically: every k-th
+    problem (in a fixed shuffled order) belongs to the eval split and never appears in training,
+    so eval reward measures generalisation to unseen problems. With 0 (the default) the eval
+    split is the whole space, so eval reward is the greedy accuracy over every problem, and
+    training prompts are random draws from the same space. Responses are scored by `score`: 1.0
+    when the text before the first EOS, stripped, is exactly the answer.
     """
 
-    max_operand: int = 20
+    max_operand: int = 9
     ops: tuple[str, ...] = ("+", "-")
+    eval_every: int = 0
 
-    def problem(self, rng: np.random.Generator) -> Problem:
-        a, b = (int(x) for x in rng.integers(0, self.max_operand + 1, size=2))
-        op = self.ops[int(rng.integers(len(self.ops)))]
+    def all_problems(self, split: str = "train") -> list[Problem]:
+        """Every problem of ``split`` ("train" or "eval"), in a fixed order."""
+        values = range(self.max_operand + 1)
+        space = [(a, op, b) for op in self.ops for a in values for b in values]
+        order = np.random.default_rng(12345).permutation(len(space))
+        if self.eval_every == 0:
+            return [self._problem(*space[j]) for j in order]
+        held_out = [i % self.eval_every == 0 for i in range(len(space))]
+        chosen = [space[j] for i, j in enumerate(order) if held_out[i] == (split == "eval")]
+        return [self._problem(a, op, b) for a, op, b in chosen]
+
+    @staticmethod
+    def _problem(a: int, op: str, b: int) -> Problem:
         value = {"+": a + b, "-": a - b, "*": a * b}[op]
         return Problem(prompt=f"{a}{op}{b}=", answer=str(value))
 
-    def problems(self, n: int, seed: int) -> list[Problem]:
-        """``n`` problems drawn reproducibly from ``seed``."""
+    def problems(self, n: int, seed: int, split: str = "train") -> list[Problem]:
+        """``n`` problems of ``split`` drawn (with replacement) reproducibly from ``seed``."""
+        pool = self.all_problems(split)
         rng = np.random.default_rng(seed)
-        return [self.problem(rng) for _ in range(n)]
+        return [pool[int(i)] for i in rng.integers(len(pool), size=n)]
 
     @staticmethod
     def score(response: str, answer: str) -> float:
