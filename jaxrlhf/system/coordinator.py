@@ -29,7 +29,14 @@ from jaxrlhf.interfaces import (
 )
 from jaxrlhf.interfaces.packing import bucket_size
 from jaxrlhf.logging import MetricsLogger
-from jaxrlhf.models import MeshError, ModelHandle, build_model, from_pretrained, make_mesh
+from jaxrlhf.models import (
+    MeshError,
+    ModelHandle,
+    build_model,
+    from_pretrained,
+    make_mesh,
+    param_shardings,
+)
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.system.mfcs import Models, StepContext
 from jaxrlhf.system.rollout import generate_trajectories, reward_function
@@ -149,12 +156,13 @@ class PPOCoordinator:
         params = {k: v for k, v in _copy(actor_params).items() if k != "lm_head"}
         dtype = jnp.dtype(c.param_dtype)
         params = jax.tree.map(lambda a: a.astype(dtype), params)
-        ref_leaf = params["final_norm"]
         params["value_head"] = {
-            "kernel": jnp.zeros_like(ref_leaf),
-            "bias": jnp.zeros((), dtype, device=ref_leaf.sharding),
+            "kernel": jnp.zeros((cfg.hidden_size,), dtype),
+            "bias": jnp.zeros((), dtype),
         }
-        return cfg, params
+        return cfg, jax.device_put(
+            params, param_shardings(cfg, self.mesh, lm_head=False, value_head=True)
+        )
 
     def _restore_target(self, actor: ModelHandle):
         """(models, host state) from the latest complete checkpoint, or None for a fresh run."""
