@@ -60,18 +60,18 @@ def test_few_steps_run_and_write_outputs(tmp_path, variant):
 
 
 def test_step_zero_logprob_gap_and_unit_ratio(tmp_path):
-    """The trainer's recomputed log-probs equal the sampler's; the first PPO ratio is 1."""
-    cfg = _config(
-        tmp_path, *GRPO, "experiment.total_steps=1", "algorithm.ppo_epochs=1",
-        "algorithm.n_minibatches=1", "checkpoint.save_every=0",
-    )  # fmt: skip
-    coordinator = PPOCoordinator(cfg)
-    metrics = coordinator.train_step()
+    """The trainer's log-probs equal the sampler's (< 1e-5); with one update per batch the
+    first PPO ratio is exactly 1 (π_old is the current policy), so nothing is clipped."""
+    cfg = _config(tmp_path / "a", *GRPO, "experiment.total_steps=1", "algorithm.ppo_epochs=1",
+                  "algorithm.n_minibatches=1")  # fmt: skip
+    metrics = PPOCoordinator(cfg).train_step()
     assert metrics["actor/logprob_gap_max"] < 1e-5
-    assert abs(metrics["actor/ratio_mean"] - 1.0) < 1e-6
-    assert abs(metrics["actor/ratio_max"] - 1.0) < 1e-5
-    assert metrics["actor/clip_frac"] == 0.0
-    assert abs(metrics["actor/approx_kl"]) < 1e-10
+    assert metrics["actor/ratio_min"] == metrics["actor/ratio_max"] == 1.0
+    assert metrics["actor/clip_frac"] == 0.0 and metrics["actor/approx_kl"] == 0.0
+    # Several updates per batch: π_old is recomputed by the trainer before the first one.
+    cfg = _config(tmp_path / "b", *GRPO, "experiment.total_steps=1", "algorithm.ppo_epochs=2")
+    metrics = PPOCoordinator(cfg).train_step()
+    assert 0.0 <= metrics["actor/logprob_gap_max"] < 1e-5
 
 
 @pytest.mark.parametrize("variant", ["grpo", "ppo_critic"])

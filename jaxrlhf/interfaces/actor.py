@@ -149,6 +149,10 @@ def actor_microbatch_loss(
         )
         metrics |= kl_metrics | {"kl_loss": kl_term}
         loss = loss + kl_term
+    if "behaviour_logp" in mb:  # the train-vs-rollout log-prob gap (same weights: numerics only)
+        gap = jnp.abs(jax.lax.stop_gradient(logp) - mb["behaviour_logp"]) * mask
+        metrics["logprob_gap"] = jnp.sum(gap) / jnp.maximum(jnp.sum(mask), 1.0)
+        metrics["logprob_gap_max"] = jnp.max(gap)
     metrics["loss"] = loss
     metrics["seqs"] = jnp.sum(jnp.any(mask > 0, axis=-1), dtype=jnp.float32)
     return loss, jax.lax.stop_gradient(metrics)

@@ -142,7 +142,9 @@ def pack_sequences(
     sequence of the same length (e.g. ``loss_mask``, ``advantages``, ``old_logp``).
     ``row_len``: tokens per row (default: the bucketed longest sequence); a micro-batch has
     R = max_tokens_per_mb // row_len rows (at least one), rounded down to a multiple of
-    ``rows_multiple`` (set it to the number of batch shards, data × fsdp, so rows shard evenly).
+    ``rows_multiple`` (set it to the number of batch shards, data × fsdp, so rows shard evenly);
+    when the whole batch fits in fewer rows, R is the rows used, bucketed by ``bucket_counts``
+    and rounded up to a multiple of ``rows_multiple``.
     ``min_microbatches`` / ``min_slots`` are floors on M and S (fix them to keep shapes, and so
     compiled steps, steady across batches). ``pack=False`` puts one sequence per row (the
     padded layout). ``bucket_lengths`` rounds the default row length up, ``bucket_counts`` the
@@ -199,6 +201,10 @@ def pack_sequences(
         raise ValueError(f"pack_sequences: sequence {i} has {longest} tokens > row_len {L}.")
     R = max(rows_multiple, (max_tokens_per_mb // L) // rows_multiple * rows_multiple)
     mbs = _first_fit_decreasing(lengths, L, R, one_per_row=not pack)
+    # A batch smaller than one budget gets only the (bucketed) rows it uses, not the budget's:
+    # padding rows would cost compute like real ones.
+    used = round_count(max(len(rows) for rows in mbs))
+    R = min(R, -(-used // rows_multiple) * rows_multiple)
     M = round_count(max(len(mbs), min_microbatches))
     S = round_count(max(min_slots, *(sum(len(row) for row in rows) for rows in mbs)))
     T = min(L, seq_len)

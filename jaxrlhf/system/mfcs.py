@@ -136,22 +136,23 @@ class PPOActor:
     @staticmethod
     def train(ctx: StepContext, mfc: MFC, data: Data) -> Data:
         cfg, m = ctx.cfg, ctx.models
-        mask = data["response_mask"]
-        # π_old: the actor's own log-probs before this update, recomputed by the train engine
-        # (equal to the behaviour log-probs up to numerics in sync mode; the gap is a metric).
-        old = PPOActor.inference(
-            ctx, dataclasses.replace(mfc, role="actor", outputs=("old_logp",)), data
-        )["old_logp"]
-        behav = data["behav_logprobs"]
-        gap = np.concatenate(
-            [np.abs(o - b)[k > 0] for o, b, k in zip(old, behav, mask, strict=True)]
-        )
-        ctx.metrics["actor/logprob_gap"] = float(gap.mean()) if gap.size else 0.0
-        ctx.metrics["actor/logprob_gap_max"] = float(gap.max()) if gap.size else 0.0
-        spec = ActorLossSpec.from_config(cfg.algorithm, temperature=ctx.temperature)
-        fields = {"loss_mask": mask, "advantages": data["advantages"], "old_logp": old}
-        if spec.decoupled:
-            fields["behaviour_logp"] = behav
+        algo = cfg.algorithm
+        mask, behav = data["response_mask"], data["behav_logprobs"]
+        # One update per batch: π_old is the current policy itself, so the step takes it as
+        # stop_gradient(π_θ) (ratio exactly 1) and no separate log-prob pass is needed.
+        # Otherwise π_old is recomputed by the train engine before the first update.
+        on_policy = algo.ppo_epochs == 1 and algo.n_minibatches == 1 and not algo.decoupled_loss
+        spec = ActorLossSpec.from_config(algo, temperature=ctx.temperature, on_policy=on_policy)
+        fields = {"loss_mask": mask, "advantages": data["advantages"], "behaviour_logp": behav}
+        gap = None
+        if not on_policy:
+            old = PPOActor.inference(
+                ctx, dataclasses.replace(mfc, role="actor", outputs=("old_logp",)), data
+            )["old_logp"]
+            fields["old_logp"] = old
+            gap = np.concatenate(
+                [np.abs(o - b)[k > 0] for o, b, k in zip(old, behav, mask, strict=True)]
+            )
         if spec.kl_coef > 0:
             fields["ref_logp"] = data["ref_logprobs"]
         metrics = _train_epochs(
@@ -161,17 +162,20 @@ class PPOActor:
                 total_steps=ctx.updates_per_run, mesh=ctx.mesh,
             ),
         )  # fmt: skip
+        if gap is not None and gap.size:  # measured before any update, not per minibatch
+            metrics |= {"logprob_gap": float(gap.mean()), "logprob_gap_max": float(gap.max())}
         ctx.metrics |= {f"actor/{k}": v for k, v in metrics.items()}
         return {}
 
 
 def _train_epochs(ctx: StepContext, data: Data, fields: dict, max_tokens: int, role: str, step_fn):
-    """``ppo_epochs`` passes over the batch, each in ``n_minibatches`` optimizer updates."""
+    """``ppo_epochs`` passes over the batch, each in ``n_minibatches`` optimizer updates;
+    metrics averaged over the updates (``*_max`` / ``*_min``: max / min)."""
     algo = ctx.cfg.algorithm
     n = len(data["input_ids"])
     rng = np.random.default_rng((ctx.cfg.experiment.seed, ctx.step, 0 if role == "actor" else 1))
     totals: dict[str, float] = {}
-    updates = 0
+    n_updates = algo.ppo_epochs * algo.n_minibatches
     for _ in range(algo.ppo_epochs):
         order = rng.permutation(n) if algo.n_minibatches > 1 else np.arange(n)
         for index in np.array_split(order, algo.n_minibatches):
@@ -180,9 +184,14 @@ def _train_epochs(ctx: StepContext, data: Data, fields: dict, max_tokens: int, r
             state, metrics = step_fn(state, packed)
             setattr(ctx.models, role, state)
             for k, v in jax.device_get(metrics).items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-            updates += 1
-    return {k: v / updates for k, v in totals.items()}
+                v = float(v)
+                if k.endswith("_max"):
+                    totals[k] = max(totals.get(k, v), v)
+                elif k.endswith("_min"):
+                    totals[k] = min(totals.get(k, v), v)
+                else:
+                    totals[k] = totals.get(k, 0.0) + v / n_updates
+    return totals
 
 
 # --------------------------------------------------------------------------- critic
