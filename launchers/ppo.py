@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> dict:
     with coordinator.logger as logger:
         summary = coordinator.run()
     png = plot_metrics(logger.jsonl_path, f"{cfg.experiment.output_dir}/metrics.png")
+    shown = lambda ev: {k: v for k, v in ev.items() if k in ("eval/reward", "eval/response_len")}
     before, after = summary["before"], summary["after"]
-    print(format_eval_table(before, after))
+    print(format_eval_table(shown(before), shown(after)))
     print(f"metrics: {logger.jsonl_path}  plot: {png}")
     print(eval_summary_line(before["eval/reward"], after["eval/reward"], summary["steps"],
                             summary["seconds"]))  # fmt: skip

@@ -302,7 +302,7 @@ class PPOCoordinator:
         if before is None:
             before = self.evaluate() | {"step": self.step}
             self.eval_history.append(before)
-            self.logger.log(self.step, before) if self.step == 0 else None
+            self.logger.log(self.step, before)
         while self.step < total:
             metrics = self.train_step()
             every = cfg.experiment.eval_every
