@@ -67,7 +67,8 @@ def test_mesh_axes_are_data_fsdp_tensor() -> None:
 def test_toy_config_is_tiny_and_loads() -> None:
     cfg = load_config(TOY)
     assert cfg.actor.path is None and cfg.actor.num_layers <= 4 and cfg.actor.hidden_size <= 128
-    assert cfg.actor.optimizer.lr == pytest.approx(1e-3)
+    assert cfg.actor.vocab_size >= 78  # the built-in character tokenizer
+    assert cfg.sft_warmup.steps > 0 and cfg.data.train_path is None
 
 
 def test_derived_switches() -> None:

@@ -22,6 +22,7 @@ TINY = [
     "logging.progress=false", "sft_warmup.steps=2", "sft_warmup.batch_size=4",
 ]  # fmt: skip
 GRPO = ["algorithm.advantage_estimator=grpo", "critic.enabled=false"]
+PPO_CRITIC = ["algorithm.advantage_estimator=gae", "critic.enabled=true", "algorithm.ppo_epochs=2"]
 
 
 def _config(tmp_path, *extra):
@@ -37,7 +38,7 @@ def _finite(record):
 
 @pytest.mark.parametrize("variant", ["ppo_critic", "grpo"])
 def test_few_steps_run_and_write_outputs(tmp_path, variant):
-    extra = GRPO if variant == "grpo" else []
+    extra = GRPO if variant == "grpo" else PPO_CRITIC
     cfg = _config(tmp_path, *extra)
     coordinator = PPOCoordinator(cfg)
     assert (coordinator.models.critic is not None) == (variant == "ppo_critic")
@@ -78,7 +79,7 @@ def test_step_zero_logprob_gap_and_unit_ratio(tmp_path):
 def test_resume_equals_straight_run(tmp_path, variant):
     """3 steps straight == 2 steps, a new coordinator resuming from the checkpoint, 1 step:
     bitwise-equal actor (and critic) params and optimizer state, and equal metrics."""
-    extra = [*(GRPO if variant == "grpo" else []), "experiment.total_steps=3"]
+    extra = [*(GRPO if variant == "grpo" else PPO_CRITIC), "experiment.total_steps=3"]
     straight = PPOCoordinator(_config(tmp_path / "a", *extra))
     with straight.logger:
         straight.run()
@@ -114,7 +115,7 @@ def test_launcher_errors_and_graph(tmp_path):
     assert bad.stderr.strip().splitlines() == [
         "config error: unknown config key 'actor.optimizer.lrr'; did you mean 'actor.optimizer.lr'?"
     ]
-    graph = run("--config", str(ROOT / "configs" / "toy_ppo.yaml"), "--print-graph")
+    graph = run("--config", str(ROOT / "configs" / "toy_ppo.yaml"), *PPO_CRITIC, "--print-graph")
     assert graph.returncode == 0, graph.stderr
     assert "actor_gen" in graph.stdout and "critic_train" in graph.stdout
 
