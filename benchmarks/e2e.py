@@ -77,6 +77,7 @@ def bench_overrides() -> list[str]:
         "algorithm.policy_loss=ppo",
         "algorithm.kl_coef=0.0",
         "algorithm.kl_in_reward=false",
+        "ref.enabled=false",  # beta 0: like the peers, compute no reference log-probs
         "algorithm.ppo_epochs=1",
         "algorithm.n_minibatches=1",
         "data.batch_size=1",
