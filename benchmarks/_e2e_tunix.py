@@ -16,28 +16,7 @@ import time
 
 import jax
 import numpy as np
-
-
-class WordTokenizer:
-    """Words ``t<id>`` <-> ids; no BOS (``bos_id`` 0 is falsy for Tunix); EOS may be any int."""
-
-    def __init__(self, eos: int, pad: int):
-        self._eos, self._pad = eos, pad
-
-    def encode(self, text: str, **_) -> list[int]:
-        return [int(w[1:]) for w in text.split()]
-
-    def decode(self, ids, **_) -> str:
-        return " ".join(f"t{int(i)}" for i in ids)
-
-    def bos_id(self) -> int:
-        return 0
-
-    def eos_id(self) -> int:
-        return self._eos
-
-    def pad_id(self) -> int:
-        return self._pad
+from _tunix_peer import IdTokenizer  # same directory: scripts run as files
 
 
 class TimedBatches:
@@ -131,7 +110,7 @@ def main() -> None:
     cluster = rl_cluster_lib.RLCluster(
         actor=actor,
         reference=None,
-        tokenizer=WordTokenizer(eos=vocab, pad=0),
+        tokenizer=IdTokenizer(eos=vocab, pad=0),
         cluster_config=rl_cluster_lib.ClusterConfig(
             role_to_mesh={role: mesh for role in (rl_cluster_lib.Role.ACTOR,
                                                    rl_cluster_lib.Role.REFERENCE,

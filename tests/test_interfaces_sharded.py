@@ -33,8 +33,7 @@ SPEC = ActorLossSpec(eps_clip=0.2, kl_coef=0.05, entropy_coef=0.01, on_policy=Fa
 
 @pytest.fixture(scope="module")
 def mesh():
-    if len(jax.devices()) < 4:
-        pytest.skip("needs 4 devices (tests/conftest.py forces 4 CPU devices)")
+    assert len(jax.devices()) >= 4, "tests/conftest.py forces 4 CPU devices"
     return make_mesh(data=1, fsdp=2, tensor=2, devices=jax.devices()[:4])
 
 

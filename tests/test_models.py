@@ -205,16 +205,18 @@ def test_transformers5_rope_parameters_config(tmp_path, hf_dir):
     _, path = hf_dir
     hf = json.loads(Path(path, "config.json").read_text())
     handle = from_pretrained(path)
-    legacy = dict(hf)
-    params = legacy.pop("rope_parameters", None)
-    if params is None:
-        pytest.skip("this transformers writes the 4.x layout already")
-    legacy["rope_theta"] = params["rope_theta"]
-    legacy["rope_scaling"] = None if params["rope_type"] == "default" else dict(params)
-    os.makedirs(tmp_path / "legacy")
-    (tmp_path / "legacy" / "config.json").write_text(json.dumps(legacy))
-    os.symlink(os.path.join(path, "model.safetensors"), tmp_path / "legacy" / "model.safetensors")
-    assert from_pretrained(str(tmp_path / "legacy")).config == handle.config
+    other = dict(hf)
+    if "rope_parameters" in other:  # 5.x file -> write the 4.x layout
+        params = other.pop("rope_parameters")
+        other["rope_theta"] = params["rope_theta"]
+        other["rope_scaling"] = None if params["rope_type"] == "default" else dict(params)
+    else:  # 4.x file -> write the 5.x layout
+        scaling = other.pop("rope_scaling", None) or {"rope_type": "default"}
+        other["rope_parameters"] = dict(scaling) | {"rope_theta": other.pop("rope_theta")}
+    os.makedirs(tmp_path / "other")
+    (tmp_path / "other" / "config.json").write_text(json.dumps(other))
+    os.symlink(os.path.join(path, "model.safetensors"), tmp_path / "other" / "model.safetensors")
+    assert from_pretrained(str(tmp_path / "other")).config == handle.config
 
 
 def test_packed_sequences_equal_separate(rows):
