@@ -310,6 +310,42 @@ class SFTWarmupConfig:
 
 
 @dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning (``launchers/sft.py``): which dataset keys hold the text."""
+
+    response_key: str = "response"  # with data.prompt_key: a prompt / response pair per row
+    messages_key: str = "messages"  # or a chat-message list (used when the row has it)
+    max_seq_len: int = _field(512, ge=1)  # prompt + response tokens; longer rows are dropped
+    packing: bool = True  # pack several sequences per row (segment ids) instead of padding
+
+
+@dataclass(frozen=True)
+class RMConfig:
+    """Bradley-Terry reward-model training (``launchers/rm.py``) on chosen / rejected pairs."""
+
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    max_seq_len: int = _field(512, ge=1)
+
+
+@dataclass(frozen=True)
+class AsyncConfig:
+    """Asynchronous PPO (``experiment.mode: async``): how devices are split and rollouts run."""
+
+    allocation: str | None = None  # "gen=2,train=2"; None: half the devices each
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process (multi-host) runs: ``jax.distributed`` and failure detection."""
+
+    coordinator_address: str | None = None  # "host:port"; None: auto-detect or single process
+    num_processes: int | None = _field(None, ge=1)
+    process_id: int | None = _field(None, ge=0)
+    heartbeat_timeout_s: float = _field(60.0, gt=0)  # a silent peer is declared dead after this
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole experiment; one group per concern."""
 
@@ -326,6 +362,10 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sft_warmup: SFTWarmupConfig = field(default_factory=SFTWarmupConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    async_ppo: AsyncConfig = field(default_factory=AsyncConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         if self.checkpoint.dir is None:
