@@ -333,6 +333,13 @@ class AsyncConfig:
     """Asynchronous PPO (``experiment.mode: async``): how devices are split and rollouts run."""
 
     allocation: str | None = None  # "gen=2,train=2"; None: half the devices each
+    # Where the generation server runs: a thread of this process on the generation sub-mesh,
+    # or its own process (own devices, pinned to its own CPU cores on a CPU host).
+    generator: Literal["thread", "process"] = "thread"
+    # π_prox for the decoupled loss: "recompute" runs a log-prob pass (actor_inf) before the
+    # update; "fused" takes stop_gradient(π_θ) inside the one update of the batch (exact only
+    # with ppo_epochs = n_minibatches = 1, and one forward pass cheaper).
+    proximal: Literal["recompute", "fused"] = "recompute"
 
 
 @dataclass(frozen=True)
@@ -440,6 +447,11 @@ def _check_cross_fields(cfg: Config) -> None:
             m.path is None and seq_len > m.max_position_embeddings,
             f"data.max_prompt_len + generation.max_new_tokens ({seq_len}) must be <= "
             f"actor.max_position_embeddings ({m.max_position_embeddings})",
+        ),
+        (
+            cfg.async_ppo.proximal == "fused" and a.ppo_epochs * a.n_minibatches != 1,
+            "async_ppo.proximal 'fused' takes π_prox from the single update of a batch; it "
+            f"needs ppo_epochs = n_minibatches = 1, got {a.ppo_epochs} and {a.n_minibatches}",
         ),
     ]
     for broken, message in rules:

@@ -30,7 +30,11 @@ def main(argv: list[str] | None = None) -> dict:
     from jaxrlhf.system.coordinator import PPOCoordinator
 
     print(config_to_yaml(cfg))
-    coordinator = PPOCoordinator(cfg)
+    if cfg.experiment.mode == "async":  # generation and training overlapped (docs/async.md)
+        from jaxrlhf.system.async_ppo import AsyncPPOCoordinator as Coordinator
+    else:
+        Coordinator = PPOCoordinator
+    coordinator = Coordinator(cfg)
     with coordinator.logger as logger:
         summary = coordinator.run()
     png = plot_metrics(logger.jsonl_path, f"{cfg.experiment.output_dir}/metrics.png")

@@ -204,7 +204,8 @@ class GenerationServer:
                 request_id, prompt, params, stop_ids(params, self.eos_token_id), handle
             )
             request.sequences = [
-                _Sequence(request, j, sample_key_data(seed, j)) for j in range(params.n)
+                _Sequence(request, j, sample_key_data(seed, params.sample_offset + j))
+                for j in range(params.n)
             ]
             self._requests[request_id] = request
             self._queue.extend(request.sequences)

@@ -34,6 +34,7 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     seed: int | None = None
+    sample_offset: int = 0  # sample j draws key fold_in(key(seed), sample_offset + j)
 
     @classmethod
     def from_config(cls, gen, **overrides) -> SamplingParams:

@@ -67,9 +67,10 @@ class PPOCoordinator:
     """Build everything a sync PPO / GRPO run needs from ``cfg``, then `run` it."""
 
     def __init__(self, cfg: Config, *, logger: MetricsLogger | None = None) -> None:
-        if cfg.experiment.mode != "sync":
+        if cfg.experiment.mode != "sync" and type(self) is PPOCoordinator:
             raise ConfigError(
-                f"experiment.mode={cfg.experiment.mode!r} is not available yet; use 'sync'."
+                "experiment.mode='async' runs in jaxrlhf.system.async_ppo.AsyncPPOCoordinator "
+                "(launchers/ppo.py picks it); PPOCoordinator is the sync loop."
             )
         if cfg.reward_model.enabled:
             raise ConfigError("reward_model.enabled=true is not available yet in the PPO graph.")
@@ -77,7 +78,8 @@ class PPOCoordinator:
         self.graph: DataflowGraph = build_graph(cfg)
         self.impls = self.graph.resolve_interfaces()
         try:
-            self.mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+            self.mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,
+                                  devices=self._train_devices())  # fmt: skip
         except MeshError as e:
             raise ConfigError(str(e)) from None
         self.tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.actor.path)
@@ -112,6 +114,10 @@ class PPOCoordinator:
         self.sampler = Sampler(self.models.actor_cfg, self.models.actor.params, self.mesh)
 
     # ----------------------------------------------------------------------- building
+
+    def _train_devices(self) -> list[jax.Device] | None:
+        """Devices of the train mesh: all of them (async PPO: the train sub-mesh)."""
+        return None
 
     def _check_vocab(self, cfg: TransformerConfig) -> None:
         if len(self.tokenizer) > cfg.vocab_size:

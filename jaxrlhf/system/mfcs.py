@@ -141,12 +141,15 @@ class PPOActor:
         # One update per batch: π_old is the current policy itself, so the step takes it as
         # stop_gradient(π_θ) (ratio exactly 1) and no separate log-prob pass is needed.
         # Otherwise π_old is recomputed by the train engine before the first update.
-        on_policy = algo.ppo_epochs == 1 and algo.n_minibatches == 1 and not algo.decoupled_loss
+        # Async "fused" proximal: π_prox = stop_gradient(π_θ) of this single update.
+        fused = cfg.experiment.mode == "async" and cfg.async_ppo.proximal == "fused"
+        one_update = algo.ppo_epochs == 1 and algo.n_minibatches == 1
+        on_policy = one_update and (not algo.decoupled_loss or fused)
         spec = ActorLossSpec.from_config(algo, temperature=ctx.temperature, on_policy=on_policy)
         fields = {"loss_mask": mask, "advantages": data["advantages"], "behaviour_logp": behav}
         gap = None
         if not on_policy:
-            old = PPOActor.inference(
+            old = data.get("prox_logprobs") or PPOActor.inference(  # actor_inf ran: reuse π_prox
                 ctx, dataclasses.replace(mfc, role="actor", outputs=("old_logp",)), data
             )["old_logp"]
             fields["old_logp"] = old

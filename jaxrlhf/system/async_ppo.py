@@ -1,0 +1,222 @@
+"""Asynchronous PPO (`main_async_ppo`): generation and training at once, on disjoint devices.
+
+`AsyncPPOCoordinator` is the sync `PPOCoordinator` with the rollout taken out of the step:
+
+* the devices split into a generation sub-mesh and a train sub-mesh (``async_ppo.allocation``);
+  models and train states live on the train mesh, a continuous-batching `GenerationServer` on the
+  generation mesh, in a thread (``async_ppo.generator: thread``) or its own process (``process``);
+* a `RolloutProducer` thread keeps the server fed, throttled by the capacity rule, and puts
+  finished groups in a `TrajectoryQueue`;
+* each train step takes the next batch the selection rule allows (every group at most η versions
+  behind), runs the rest of the graph (rewards, ref / proximal log-probs, advantages, updates),
+  then ``update_weights`` sends the new actor weights to the server, where they are re-laid onto
+  the generation mesh (``jax.device_put``) and applied between decode chunks, and the buffer
+  learns the new version.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import Any
+
+import jax
+
+from jaxrlhf.config import Config, ConfigError
+from jaxrlhf.generation.server import GenerationServer
+from jaxrlhf.logging import MetricsLogger
+from jaxrlhf.models import ModelHandle, make_mesh
+from jaxrlhf.system.async_rollout import RolloutProducer, concat_trajectories
+from jaxrlhf.system.coordinator import PPOCoordinator
+from jaxrlhf.system.mfcs import StepContext
+from jaxrlhf.system.staleness import staleness_histogram
+from jaxrlhf.system.trajectory_queue import TrajectoryQueue
+
+_ALLOCATION = re.compile(r"^\s*gen\s*=\s*(\d+)\s*,\s*train\s*=\s*(\d+)\s*$")
+
+
+def parse_allocation(allocation: str | None, n_devices: int) -> tuple[int, int]:
+    """``"gen=G,train=T"`` -> (G, T), which must add up to ``n_devices`` (None: half each)."""
+    if allocation is None:
+        if n_devices < 2 or n_devices % 2:
+            raise ConfigError(
+                f"async_ppo.allocation is unset and {n_devices} devices cannot be split in "
+                "half; set it, e.g. async_ppo.allocation='gen=1,train=1'."
+            )
+        return n_devices // 2, n_devices // 2
+    match = _ALLOCATION.match(allocation)
+    if match is None:
+        raise ConfigError(
+            f"async_ppo.allocation={allocation!r} is invalid; expected 'gen=G,train=T'."
+        )
+    gen, train = int(match[1]), int(match[2])
+    if gen < 1 or train < 1 or gen + train != n_devices:
+        raise ConfigError(
+            f"async_ppo.allocation={allocation!r} does not match the {n_devices} devices: "
+            "gen and train must be >= 1 and add up to the device count."
+        )
+    return gen, train
+
+
+def split_devices(
+    allocation: str | None, devices: list[jax.Device] | None = None
+) -> tuple[list[jax.Device], list[jax.Device]]:
+    """(generation devices, train devices): the first G devices generate, the rest train."""
+    devices = list(jax.devices() if devices is None else devices)
+    gen, _ = parse_allocation(allocation, len(devices))
+    return devices[:gen], devices[gen:]
+
+
+class AsyncPPOCoordinator(PPOCoordinator):
+    """PPO / GRPO with generation and training overlapped, staleness bounded by η."""
+
+    def __init__(
+        self, cfg: Config, *, logger: MetricsLogger | None = None, server: Any | None = None
+    ) -> None:
+        if cfg.experiment.mode != "async":
+            raise ConfigError("AsyncPPOCoordinator needs experiment.mode='async'.")
+        self.gen_devices, self._train_devs = split_devices(cfg.async_ppo.allocation)
+        super().__init__(cfg, logger=logger)
+        self.eta = cfg.experiment.max_head_offpolicyness
+        self.gen_mesh = make_mesh(-1, 1, 1, devices=self.gen_devices)
+        self.server = server if server is not None else self._make_server()
+        self.buffer = TrajectoryQueue(cfg.data.batch_size, self.eta, version=self.version)
+        self.producer: RolloutProducer | None = None
+        self._eval_version = self.version
+        self._last: dict[str, float] | None = None
+        self._data_lock = threading.Lock()  # the producer reads data_iter, `save` its cursor
+        self._skip = {"actor_gen"}
+        if cfg.async_ppo.proximal == "fused":
+            self._skip.add("actor_inf")
+
+    def _train_devices(self) -> list[jax.Device] | None:
+        return self._train_devs
+
+    def _make_server(self) -> Any:
+        cfg = self.cfg
+        gen = cfg.generation
+        max_seq_len = cfg.data.max_prompt_len + gen.max_new_tokens
+        kwargs = dict(
+            max_slots=gen.max_concurrent, max_seq_len=max_seq_len, decode_chunk=gen.decode_chunk,
+            version=self.version, eos_token_id=self.tokenizer.eos_token_id,
+            seed=cfg.experiment.seed, name="async-gen",
+        )  # fmt: skip
+        if cfg.async_ppo.generator == "process":
+            from jaxrlhf.system.remote_server import RemoteGenerationServer
+
+            return RemoteGenerationServer(
+                self.models.actor_cfg, self.models.actor.params, n_devices=len(self.gen_devices),
+                **kwargs,
+            )  # fmt: skip
+        handle = ModelHandle(self.models.actor_cfg, self.models.actor.params, self.gen_mesh)
+        return GenerationServer(handle, **kwargs)
+
+    # ----------------------------------------------------------------------- producer
+
+    def _next_prompts(self):
+        with self._data_lock:
+            return next(self.data_iter)
+
+    def start(self) -> None:
+        """Start generating (the run does; tests may drive `train_step` themselves)."""
+        if self.producer is None:
+            self.producer = RolloutProducer(
+                self.server, self.buffer, self._next_prompts, self.tokenizer,
+                self.cfg.generation, seed=self.cfg.experiment.seed,
+                batch_size=self.cfg.data.batch_size, first_step=self.step,
+            ).start()  # fmt: skip
+
+    def close(self) -> None:
+        """Stop the producer and the server (in-flight groups are dropped)."""
+        self.buffer.close()
+        if self.producer is not None:
+            self.producer.stop()
+        self.server.close()
+
+    # ----------------------------------------------------------------------- loop
+
+    def evaluate(self) -> dict[str, float]:
+        if self._eval_version != self.version:  # the eval sampler is synced only when used
+            self.sampler.params = self.sampler.convert(self.models.actor.params)
+            self._eval_version = self.version
+        return super().evaluate()
+
+    def train_step(self) -> dict[str, Any]:
+        """Take the next admissible batch, run the graph on it, publish the new weights."""
+        self.start()
+        self.step += 1
+        start = time.perf_counter()
+        try:
+            taken = self.buffer.take_batch()
+        except Exception:
+            if self.producer is not None and self.producer.error is not None:
+                raise RuntimeError("the rollout producer failed") from self.producer.error
+            raise
+        waited = time.perf_counter() - start
+        traj = concat_trajectories([item for _, item, _ in taken])
+        ctx = StepContext(
+            cfg=self.cfg, mesh=self.mesh, models=self.models, sampler=self.sampler,
+            tokenizer=self.tokenizer, reward_fn=self.reward_fn, step=self.step,
+            version=self.version, updates_per_run=self.updates_per_run,
+        )  # fmt: skip
+        data: dict[str, Any] = {
+            "trajectories": traj,
+            "answers": traj.answers,
+            "input_ids": traj.input_ids,
+            "response_mask": traj.response_mask,
+            "behav_logprobs": traj.behav_logprobs,
+            "versions": traj.versions,
+            "truncated": traj.truncated,
+        }
+        for name in self.graph.order:
+            if name in self._skip:
+                continue
+            mfc = self.graph[name]
+            with self.logger.time(name):
+                outputs = getattr(self.impls[name], mfc.interface_type)(ctx, mfc, data)
+                jax.block_until_ready(outputs)
+            data.update(outputs)
+        self.version += 1
+        with self.logger.time("weight_sync"):
+            self.server.update_weights(self.models.actor.params, self.version)
+        self.buffer.set_version(self.version)
+        self.last_trajectories = traj
+        self.consumed_uids = [uid for uid, _, _ in taken]
+        self.consumed_min_versions = [v for _, _, v in taken]
+        ctx.metrics |= self._async_metrics(traj, taken, start, waited)
+        return ctx.metrics
+
+    def _async_metrics(self, traj, taken, start: float, waited: float) -> dict[str, float]:
+        now = time.perf_counter()
+        counters = self.producer.counters() if self.producer is not None else {}
+        last = self._last or {"t": start, "idle_s": 0.0, "tokens": 0, "samples": 0}
+        wall = max(now - last["t"], 1e-9)
+        lens = traj.response_lens
+        metrics = staleness_histogram(self.version - 1, [v for _, _, v in taken], self.eta)
+        metrics |= {
+            "response_len/mean": float(lens.mean()),
+            "response_len/max": int(lens.max()),
+            "response_len/truncated_frac": float(traj.truncated.mean()),
+            "async/train_idle_frac": waited / (now - start),
+            "async/gen_idle_frac": (counters.get("idle_s", 0.0) - last["idle_s"]) / wall,
+            "perf/samples_per_s": len(traj) / (now - start),
+            "perf/gen_tokens_per_s": (counters.get("tokens", 0) - last["tokens"]) / wall,
+            "perf/tokens_per_s": float(sum(len(x) for x in traj.input_ids)) / (now - start),
+            "perf/step_s": now - start,
+            "policy/version": self.version,
+        }
+        metrics |= self.buffer.stats()
+        self._last = {"t": now, **counters} if counters else None
+        return metrics
+
+    def save(self) -> None:
+        with self._data_lock:
+            super().save()
+
+    def run(self) -> dict[str, Any]:
+        """Train as `PPOCoordinator.run` does, with generation running alongside."""
+        try:
+            return super().run()
+        finally:
+            self.close()
