@@ -188,10 +188,12 @@ class RewardModelConfig:
     """An optional learned reward model scoring whole responses."""
 
     enabled: bool = False
-    path: str | None = None  # required when enabled
+    path: str | None = None  # required when enabled: an export of launchers/rm.py
     param_dtype: Dtype = "float32"
     compute_dtype: Dtype = "float32"
     max_tokens_per_mb: int = _field(4096, ge=1)
+    weight: float = 1.0  # reward = rule_weight * rule score + weight * reward-model score
+    rule_weight: float = 1.0  # 0: the reward model alone
 
 
 @dataclass(frozen=True)
@@ -325,7 +327,8 @@ class RMConfig:
 
     chosen_key: str = "chosen"
     rejected_key: str = "rejected"
-    max_seq_len: int = _field(512, ge=1)
+    max_seq_len: int = _field(512, ge=1)  # prompt + response tokens; longer pairs are dropped
+    packing: bool = True  # pack several sequences per row (segment ids) instead of padding
 
 
 @dataclass(frozen=True)
@@ -422,6 +425,11 @@ def _check_cross_fields(cfg: Config) -> None:
         (
             cfg.reward_model.enabled and cfg.reward_model.path is None,
             "reward_model.path must be set when reward_model.enabled is true",
+        ),
+        (
+            cfg.reward_model.enabled
+            and not (cfg.reward_model.weight or cfg.reward_model.rule_weight),
+            "reward_model.weight and reward_model.rule_weight are both 0, so every reward is 0",
         ),
         (
             g.min_new_tokens > g.max_new_tokens,

@@ -63,6 +63,12 @@ STEP_LINE_FIELDS: tuple[tuple[str, str, str | None], ...] = (
     ("clip", "actor/clip_frac", None),
     ("gnorm", "actor/grad_norm", None),
     ("eval", "eval/reward", None),
+    # supervised trainers (launchers/sft.py, launchers/rm.py)
+    ("loss", "train/loss", None),
+    ("acc", "train/accuracy", None),
+    ("gnorm", "train/grad_norm", None),
+    ("eval loss", "eval/loss", None),
+    ("eval acc", "eval/accuracy", None),
 )
 
 # (title, key, std key or None) of each panel of `plot_metrics`.
