@@ -39,6 +39,7 @@ from jaxrlhf.models import (
 )
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.system.mfcs import Models, StepContext
+from jaxrlhf.system.reward_model import load_reward_model
 from jaxrlhf.system.rollout import generate_trajectories, reward_function
 
 # Metrics that depend on wall time; left out of the history compared across resumes.
@@ -72,8 +73,6 @@ class PPOCoordinator:
                 "experiment.mode='async' runs in jaxrlhf.system.async_ppo.AsyncPPOCoordinator "
                 "(launchers/ppo.py picks it); PPOCoordinator is the sync loop."
             )
-        if cfg.reward_model.enabled:
-            raise ConfigError("reward_model.enabled=true is not available yet in the PPO graph.")
         self.cfg = cfg
         self.graph: DataflowGraph = build_graph(cfg)
         self.impls = self.graph.resolve_interfaces()
@@ -119,10 +118,10 @@ class PPOCoordinator:
         """Devices of the train mesh: all of them (async PPO: the train sub-mesh)."""
         return None
 
-    def _check_vocab(self, cfg: TransformerConfig) -> None:
+    def _check_vocab(self, cfg: TransformerConfig, what: str = "actor.vocab_size") -> None:
         if len(self.tokenizer) > cfg.vocab_size:
             raise ConfigError(
-                f"actor.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+                f"{what}={cfg.vocab_size} is smaller than the tokenizer's "
                 f"{len(self.tokenizer)} tokens."
             )
 
@@ -136,6 +135,12 @@ class PPOCoordinator:
                 ref = from_pretrained(cfg.ref.path, cfg.ref.param_dtype, mesh=self.mesh,
                                       compute_dtype=cfg.ref.compute_dtype)  # fmt: skip
                 models.ref_cfg, models.ref_params = ref.config, ref.params
+        if cfg.reward_model.enabled:  # frozen; loaded from its export, never checkpointed
+            rm = cfg.reward_model
+            handle = load_reward_model(rm.path, rm.param_dtype, compute_dtype=rm.compute_dtype,
+                                       mesh=self.mesh)  # fmt: skip
+            self._check_vocab(handle.config, "the vocab_size of reward_model.path")
+            models.rm_cfg, models.rm_params = handle.config, handle.params
         if cfg.use_critic:
             models.critic_cfg, critic_params = self._critic_params(actor_cfg, params)
             models.critic = init_train_state(

@@ -30,10 +30,12 @@ from jaxrlhf.interfaces import (
     actor_train,
     bucket_size,
     compute_logprobs,
+    compute_scores,
     compute_values,
     critic_train,
     pack_sequences,
     unpack,
+    unpack_scalars,
 )
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.transformer import Params
@@ -52,6 +54,8 @@ class Models:
     critic: TrainState | None = None
     ref_cfg: TransformerConfig | None = None
     ref_params: Params | None = None
+    rm_cfg: TransformerConfig | None = None  # the frozen learned reward model (rm_inf)
+    rm_params: Params | None = None
 
 
 @dataclasses.dataclass
@@ -247,6 +251,22 @@ class RuleReward:
         return {"scores": scores}
 
 
+class RewardModel:
+    """``reward_model``: the learned reward model's score of each whole sample (the value head at
+    its last token), ``rm_scores`` ``[N]``; ``advantages`` weighs it with the rule scores."""
+
+    @staticmethod
+    def inference(ctx: StepContext, mfc: MFC, data: Data) -> Data:
+        m = ctx.models
+        max_tokens = mfc.mb_spec.max_tokens or ctx.cfg.reward_model.max_tokens_per_mb
+        packed = ctx.pack(data, {}, max_tokens)
+        out = compute_scores(m.rm_params, m.rm_cfg, packed, mesh=ctx.mesh)
+        rm_scores = unpack_scalars(packed, np.asarray(jax.device_get(out["scores"])))
+        ctx.metrics |= {"reward/rm_mean": float(rm_scores.mean()),
+                        "reward/rm_std": float(rm_scores.std())}  # fmt: skip
+        return {mfc.outputs[0]: rm_scores}
+
+
 @functools.lru_cache(maxsize=16)
 def _advantage_fn(estimator: str, group_size: int, gamma: float, lam: float, kl_coef: float,
                   kl_estimator: str, whiten: bool):  # fmt: skip
@@ -281,7 +301,9 @@ class Advantages:
         mask = traj.response_field(data["response_mask"], width)
         scores = np.asarray(data["scores"], np.float32)
         if "rm_scores" in data:
-            scores = scores + np.asarray(data["rm_scores"], np.float32)
+            rm = cfg.reward_model
+            scores = rm.rule_weight * scores + rm.weight * np.asarray(data["rm_scores"], np.float32)
+            ctx.metrics["reward/total_mean"] = float(scores.mean())
         values = traj.response_field(data["values"], width) if "values" in data else None
         ref = logp = None
         if "ref_logprobs" in data:
@@ -305,3 +327,4 @@ MFC_INTERFACES.register("ppo_actor", PPOActor)
 MFC_INTERFACES.register("ppo_critic", PPOCritic)
 MFC_INTERFACES.register("rule_reward", RuleReward)
 MFC_INTERFACES.register("advantages", Advantages)
+MFC_INTERFACES.register("reward_model", RewardModel)
