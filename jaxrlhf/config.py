@@ -353,6 +353,7 @@ class DistributedConfig:
     num_processes: int | None = _field(None, ge=1)
     process_id: int | None = _field(None, ge=0)
     heartbeat_timeout_s: float = _field(60.0, gt=0)  # a silent peer is declared dead after this
+    initialization_timeout_s: float = _field(300.0, gt=0)  # waiting for every process to join
 
 
 @dataclass(frozen=True)
@@ -455,6 +456,13 @@ def _check_cross_fields(cfg: Config) -> None:
             m.path is None and seq_len > m.max_position_embeddings,
             f"data.max_prompt_len + generation.max_new_tokens ({seq_len}) must be <= "
             f"actor.max_position_embeddings ({m.max_position_embeddings})",
+        ),
+        (
+            cfg.distributed.num_processes is not None
+            and cfg.distributed.process_id is not None
+            and cfg.distributed.process_id >= cfg.distributed.num_processes,
+            f"distributed.process_id ({cfg.distributed.process_id}) must be < "
+            f"distributed.num_processes ({cfg.distributed.num_processes})",
         ),
         (
             cfg.async_ppo.proximal == "fused" and a.ppo_epochs * a.n_minibatches != 1,

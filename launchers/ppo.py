@@ -25,11 +25,22 @@ def main(argv: list[str] | None = None) -> dict:
         print(build_graph(cfg).describe())
         return {}
 
+    from jaxrlhf.system import distributed
+
+    distributed.initialize(cfg.distributed)  # before anything touches a JAX backend
+    summary = distributed.guarded(lambda: _run(cfg))
+    distributed.finish()
+    return summary
+
+
+def _run(cfg) -> dict:
     from jaxrlhf.config import config_to_yaml
     from jaxrlhf.logging import eval_summary_line, format_eval_table, plot_metrics
+    from jaxrlhf.system import distributed
     from jaxrlhf.system.coordinator import PPOCoordinator
 
-    print(config_to_yaml(cfg))
+    if distributed.is_main():
+        print(config_to_yaml(cfg))
     if cfg.experiment.mode == "async":  # generation and training overlapped (docs/async.md)
         from jaxrlhf.system.async_ppo import AsyncPPOCoordinator as Coordinator
     else:
@@ -37,6 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     coordinator = Coordinator(cfg)
     with coordinator.logger as logger:
         summary = coordinator.run()
+    if not distributed.is_main():  # process 0 reports; the others only compute
+        return summary
     png = plot_metrics(logger.jsonl_path, f"{cfg.experiment.output_dir}/metrics.png")
     shown = lambda ev: {k: v for k, v in ev.items() if k in ("eval/reward", "eval/response_len")}
     before, after = summary["before"], summary["after"]

@@ -262,5 +262,6 @@ def _check_same_everywhere(fingerprint: str) -> None:
     """Fail fast if processes built different datasets (their batches would not line up)."""
     from jax.experimental import multihost_utils
 
-    value = np.frombuffer(bytes.fromhex(fingerprint.replace("-", "")[:16]), np.int64)
+    # int32 words: without jax_enable_x64 a broadcast int64 would be truncated and never match.
+    value = np.frombuffer(bytes.fromhex(fingerprint.replace("-", "")[:16]), np.int32)
     multihost_utils.assert_equal(value, f"prompt datasets differ across processes ({fingerprint})")

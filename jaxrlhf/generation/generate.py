@@ -25,6 +25,7 @@ from jaxrlhf.generation.types import (
     validate_request,
 )
 from jaxrlhf.models.handle import ModelHandle
+from jaxrlhf.system.hostio import fetch
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_BUCKET = 16
@@ -128,8 +129,9 @@ def generate(
     cache = sampler.prefill(cache, prefill_ids, lengths, src)
     mode = sampling_mode(rows.temperature[:num_rows], rows.top_k[:num_rows], rows.top_p[:num_rows])
     _, final, out = sampler.decode(cache, rows, steps, mode)
+    num_generated, out = fetch((final.num_generated, out))  # gathers across processes
 
-    lengths = np.asarray(final.num_generated)[:num_rows]
+    lengths = np.asarray(num_generated)[:num_rows]
     valid = np.arange(max_new_tokens)[None, :] < lengths[:, None]
     tokens = np.where(valid, np.asarray(out.tokens)[:num_rows, :max_new_tokens], pad_token_id)
     last = tokens[np.arange(num_rows), np.maximum(lengths - 1, 0)]

@@ -37,6 +37,7 @@ from jaxrlhf.models.kv_cache import (
 )
 from jaxrlhf.models.sharding import logical_to_spec
 from jaxrlhf.models.transformer import Params
+from jaxrlhf.system.hostio import put
 
 KEY_WORDS = 2  # words of raw threefry key data per row
 NO_STOP = np.iinfo(np.int32).max  # stop-id padding: never a token, out of range for the ban
@@ -314,7 +315,7 @@ class Sampler:
         return fn(
             self.params if params is None else params,
             cache,
-            np.asarray(ids, np.int32),
+            put(np.asarray(ids, np.int32), _batch2(self.mesh, (n, t))),  # global over processes
             np.asarray(lengths, np.int32),
             np.asarray(src, np.int32),
         )
@@ -332,4 +333,8 @@ class Sampler:
             raise ValueError(f"sampling mode {mode!r} is not one of {', '.join(MODES)}.")
         batch, length = cache.k[0].shape[0], cache.k[0].shape[-1]
         fn = _decode_fn(self.config, self.mesh, batch, length, steps, mode)
+        rows = jax.tree.map(  # host rows -> global arrays (a multi-process jit takes no numpy)
+            lambda x, s: put(x, s) if isinstance(x, np.ndarray) else x,
+            rows, _rows_shardings(self.mesh, batch),
+        )  # fmt: skip
         return fn(self.params if params is None else params, cache, rows)

@@ -18,6 +18,7 @@ from jaxrlhf.interfaces.state import ParamLayout
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.handle import param_shardings
 from jaxrlhf.models.transformer import Params
+from jaxrlhf.system.hostio import put
 
 MicroBatchFn = Callable[[Params, Batch], dict[str, jax.Array]]
 INPUT_KEYS = ROW_KEYS + INDEX_KEYS
@@ -63,5 +64,5 @@ def inference_inputs(packed: PackedBatch, mesh: Mesh | None) -> tuple[Shapes, Ba
     """The model inputs and index arrays of ``packed``, on the devices, and their shapes."""
     shapes = tuple((k, s) for k, s in packed.shapes() if k in INPUT_KEYS)
     shardings = batch_shardings(shapes, mesh)
-    batch = {k: jax.device_put(np.asarray(packed.arrays[k]), shardings[k]) for k, _ in shapes}
+    batch = {k: put(np.asarray(packed.arrays[k]), shardings[k]) for k, _ in shapes}
     return shapes, batch

@@ -16,6 +16,7 @@ from jaxrlhf.interfaces.packing import INDEX_KEYS, ROW_KEYS, PackedBatch
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.sharding import logical_to_spec
 from jaxrlhf.models.transformer import Params, hidden_states, token_logprobs, value_outputs
+from jaxrlhf.system.hostio import put
 
 Batch = dict[str, jax.Array]
 Shapes = tuple[tuple[str, tuple[int, ...]], ...]
@@ -56,9 +57,10 @@ def check_batch(shapes: Shapes, required: tuple[str, ...], where: str) -> None:
 
 
 def put_batch(packed: PackedBatch, mesh: Mesh | None) -> Batch:
-    """Transfer a packed batch to the devices with `batch_shardings` (single process)."""
+    """Transfer a packed batch (the global batch, the same on every process) to the devices
+    with `batch_shardings`; each process copies only its own shards."""
     shardings = batch_shardings(packed.shapes(), mesh)
-    return {k: jax.device_put(np.asarray(v), shardings[k]) for k, v in packed.arrays.items()}
+    return {k: put(np.asarray(v), shardings[k]) for k, v in packed.arrays.items()}
 
 
 def scored_mask(seq_lens_s: jax.Array, length: int) -> jax.Array:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -38,12 +39,16 @@ from jaxrlhf.models import (
     param_shardings,
 )
 from jaxrlhf.models.config import TransformerConfig
+from jaxrlhf.system import distributed
 from jaxrlhf.system.mfcs import Models, StepContext
 from jaxrlhf.system.reward_model import load_reward_model
 from jaxrlhf.system.rollout import generate_trajectories, reward_function
 
 # Metrics that depend on wall time; left out of the history compared across resumes.
 TIMING_PREFIXES = ("time/", "perf/")
+# Every process reads the whole global batch (the same host program on the same data); device
+# arrays built from it hold only each process's shards (`jaxrlhf.system.hostio.put`).
+GLOBAL_BATCH = {"process_index": 0, "process_count": 1}
 
 
 def _copy(tree: Any) -> Any:
@@ -85,12 +90,14 @@ class PPOCoordinator:
         self.reward_fn = reward_function(cfg)
         algo = cfg.algorithm
         self.updates_per_run = cfg.experiment.total_steps * algo.ppo_epochs * algo.n_minibatches
-        self.train_pipe = build_prompt_pipeline(cfg.data, self.tokenizer, seed=cfg.experiment.seed)
+        self.train_pipe = build_prompt_pipeline(
+            cfg.data, self.tokenizer, seed=cfg.experiment.seed, **GLOBAL_BATCH
+        )
         self.eval_pipe = build_prompt_pipeline(
-            cfg.data, self.tokenizer, split="eval", seed=cfg.experiment.seed
+            cfg.data, self.tokenizer, split="eval", seed=cfg.experiment.seed, **GLOBAL_BATCH
         )
         self.checkpointer = Checkpointer(cfg.checkpoint)
-        self.logger = logger or MetricsLogger.from_config(cfg)
+        self.logger = logger or MetricsLogger.from_config(cfg, is_main=distributed.is_main())
         self.step = 0
         self.version = 0
         self.history: list[dict[str, float]] = []
@@ -209,7 +216,9 @@ class PPOCoordinator:
                                  mesh=self.mesh)  # fmt: skip
         spec = ActorLossSpec(on_policy=True)
         data_cfg = dataclasses.replace(self.cfg.data, batch_size=w.batch_size)
-        pipe = build_prompt_pipeline(data_cfg, self.tokenizer, seed=self.cfg.experiment.seed + 1)
+        pipe = build_prompt_pipeline(
+            data_cfg, self.tokenizer, seed=self.cfg.experiment.seed + 1, **GLOBAL_BATCH
+        )
         it = pipe.iterator()
         eos = self.tokenizer.eos_token_id
         width = bucket_size(self.cfg.data.max_prompt_len + self.cfg.generation.max_new_tokens)
@@ -271,6 +280,7 @@ class PPOCoordinator:
             version=self.version, updates_per_run=self.updates_per_run,
         )  # fmt: skip
         data: dict[str, Any] = {"prompt_batch": next(self.data_iter)}
+        distributed.check_same(data["prompt_batch"].sample_ids_b, "the step's prompt batch")
         data["prompt_ids"] = data["prompt_batch"].input_ids_bt
         data["answers"] = data["prompt_batch"].answers
         for name in self.graph.order:
@@ -300,6 +310,16 @@ class PPOCoordinator:
         )
         self.checkpointer.save(self.step, self._state_tree(self.models), host)
 
+    def _stop_requested(self) -> bool:
+        """A ``STOP`` file in the output directory ends the run after a save; process 0 looks,
+        the others follow its decision."""
+        stop = Path(self.cfg.experiment.output_dir) / "STOP"
+        if not distributed.decide(stop.exists()):
+            return False
+        self.logger.print(f"{stop} found: saving and stopping at step {self.step}")
+        self.save()
+        return True
+
     def run(self) -> dict[str, Any]:
         """Train to ``experiment.total_steps`` with evaluations, checkpoints and logging.
 
@@ -307,14 +327,15 @@ class PPOCoordinator:
         """
         cfg = self.cfg
         total = cfg.experiment.total_steps
-        save_config(cfg, f"{cfg.experiment.output_dir}/config.yaml")
+        if distributed.is_main():
+            save_config(cfg, f"{cfg.experiment.output_dir}/config.yaml")
         start = time.perf_counter()
         before = self.eval_history[0] if self.eval_history else None
         if before is None:
             before = self.evaluate() | {"step": self.step}
             self.eval_history.append(before)
             self.logger.log(self.step, before)
-        while self.step < total:
+        while self.step < total and not self._stop_requested():
             metrics = self.train_step()
             every = cfg.experiment.eval_every
             if (every and self.step % every == 0) or self.step == total:
@@ -324,7 +345,7 @@ class PPOCoordinator:
             logged = self.logger.log(self.step, metrics)
             self.history.append({k: v for k, v in logged.items()
                                  if not k.startswith(TIMING_PREFIXES)})  # fmt: skip
-            if self.checkpointer.should_save(self.step, total):
+            if distributed.decide(self.checkpointer.should_save(self.step, total)):
                 self.save()
         self.checkpointer.close()
         if cfg.checkpoint.save_hf:

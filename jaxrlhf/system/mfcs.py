@@ -39,6 +39,7 @@ from jaxrlhf.interfaces import (
 )
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.transformer import Params
+from jaxrlhf.system.hostio import fetch
 from jaxrlhf.system.rollout import Trajectories, generate_trajectories, score
 
 Data = dict[str, Any]
@@ -97,7 +98,7 @@ class StepContext:
 
 
 def _unpacked(packed: PackedBatch, grid: jax.Array) -> list[np.ndarray]:
-    return unpack(packed, np.asarray(jax.device_get(grid)))
+    return unpack(packed, fetch(grid))
 
 
 # --------------------------------------------------------------------------- actor
@@ -190,7 +191,7 @@ def _train_epochs(ctx: StepContext, data: Data, fields: dict, max_tokens: int, r
             state = getattr(ctx.models, role)
             state, metrics = step_fn(state, packed)
             setattr(ctx.models, role, state)
-            for k, v in jax.device_get(metrics).items():
+            for k, v in fetch(metrics).items():
                 v = float(v)
                 if k.endswith("_max"):
                     totals[k] = max(totals.get(k, v), v)

@@ -1,0 +1,74 @@
+"""One process of a toy PPO run for `test_distributed.py` (spawned 1 or N times).
+
+    python multiprocess_ppo.py OUT_DIR [key=value ...]
+
+Runs `launchers/ppo.py`'s path (``distributed.initialize``, the coordinator, ``finish``) on
+``configs/toy_ppo.yaml`` with the overrides; process 0 then writes ``OUT_DIR/result.npz`` (the
+final actor params) and ``OUT_DIR/result.json`` (metric and eval history). With
+``JAXRLHF_TEST_DIE=<process>:<step>`` that process SIGKILLs itself inside the actor update of
+that step, after writing the time to ``OUT_DIR/died_at``.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jaxrlhf.config import load_config  # noqa: E402
+from jaxrlhf.system import distributed  # noqa: E402
+
+
+def digit_count_reward(response: str, answer: str) -> float:
+    """A dense toy reward (digits in the response) so that every step has a gradient."""
+    return sum(c.isdigit() for c in response) / 4.0
+
+
+def main() -> None:
+    out, overrides = Path(sys.argv[1]), sys.argv[2:]
+    cfg = load_config(ROOT / "configs" / "toy_ppo.yaml",
+                      [f"experiment.output_dir={out}", *overrides])  # fmt: skip
+    distributed.initialize(cfg.distributed)
+
+    import jax
+    import numpy as np
+
+    from jaxrlhf.system import mfcs
+    from jaxrlhf.system.coordinator import PPOCoordinator
+    from jaxrlhf.system.hostio import fetch
+
+    die = os.environ.get("JAXRLHF_TEST_DIE")
+    if die:
+        pid, step = map(int, die.split(":"))
+        train = mfcs.PPOActor.train
+
+        def dying_train(ctx, mfc, data):
+            if ctx.step == step and jax.process_index() == pid:
+                (out / "died_at").write_text(repr(time.time()))
+                os.kill(os.getpid(), signal.SIGKILL)
+            return train(ctx, mfc, data)
+
+        mfcs.PPOActor.train = staticmethod(dying_train)
+
+    def run():
+        coordinator = PPOCoordinator(cfg)
+        with coordinator.logger:
+            coordinator.run()
+        return coordinator
+
+    coordinator = distributed.guarded(run)
+    flat = jax.tree_util.tree_flatten_with_path(fetch(coordinator.models.actor.params))[0]
+    if distributed.is_main():
+        np.savez(out / "result.npz", **{jax.tree_util.keystr(k): v for k, v in flat})
+        result = {"history": coordinator.history, "eval": coordinator.eval_history,
+                  "processes": jax.process_count(), "devices": jax.device_count()}  # fmt: skip
+        (out / "result.json").write_text(json.dumps(result))
+    distributed.finish()
+
+
+if __name__ == "__main__":
+    main()
