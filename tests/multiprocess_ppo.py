@@ -7,6 +7,9 @@ Runs `launchers/ppo.py`'s path (``distributed.initialize``, the coordinator, ``f
 final actor params) and ``OUT_DIR/result.json`` (metric and eval history). With
 ``JAXRLHF_TEST_DIE=<process>:<step>`` that process SIGKILLs itself inside the actor update of
 that step, after writing the time to ``OUT_DIR/died_at``.
+
+After the run every process commits 3 trajectories to a shared `TrajectoryBuffer`, process 0
+picks a batch of 4, every process reads its slice and writes ``OUT_DIR/shard<i>.json``.
 """
 
 import json
@@ -67,7 +70,28 @@ def main() -> None:
         result = {"history": coordinator.history, "eval": coordinator.eval_history,
                   "processes": jax.process_count(), "devices": jax.device_count()}  # fmt: skip
         (out / "result.json").write_text(json.dumps(result))
+    handoff(out / "buffer")
     distributed.finish()
+
+
+def handoff(root: Path) -> None:
+    """Trajectories written by every host, one global batch chosen by process 0, read in
+    per-process slices (`TrajectoryBuffer.take_batch`)."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from jaxrlhf.system.buffer import TrajectoryBuffer
+
+    buf, pid = TrajectoryBuffer(str(root)), jax.process_index()
+    for i in range(3):
+        buf.put(f"p{pid}-{i}", {"input_ids": np.full(4, 10 * pid + i, np.int32)})
+    multihost_utils.sync_global_devices("trajectories_committed")
+    uids, mine = buf.take_batch(4)
+    buf.mark_consumed(uids, write=distributed.is_main())
+    shard = {"batch": uids, "mine": [t.uid for t in mine],
+             "values": [int(t.arrays["input_ids"][0]) for t in mine]}  # fmt: skip
+    (root.parent / f"shard{pid}.json").write_text(json.dumps(shard))
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def runs(tmp_path_factory):
             (("k", 0), ("k", 1), ("d", 0))}  # fmt: skip
     assert codes == [0, 0, 0], "\n".join(t[-2000:] for t in logs.values())
     return {"a": _result(base / "a"), "k": _result(base / "k"), "d": _result(base / "d"),
-            "killed": killed, "logs": logs}  # fmt: skip
+            "killed": killed, "logs": logs, "dirs": {"k": base / "k"}}  # fmt: skip
 
 
 def _max_diff(x, y) -> float:
@@ -150,6 +150,21 @@ def test_two_by_two_equals_one_by_four(runs):
     assert [h["policy/version"] for h in hk["history"]] == [1, 2, 3]
     assert any(abs(h["actor/grad_norm"]) > 0 for h in ha["history"])  # the run does learn
     assert _max_diff(runs["a"], runs["k"]) <= 1e-6
+
+
+def test_buffer_batch_chosen_by_process_zero_read_in_slices(runs):
+    """After the 2-process run: both processes committed trajectories to one store, process 0
+    chose the batch, each process read its own half and the batch was recorded once."""
+    out = runs["dirs"]["k"]
+    shards = [json.loads((out / f"shard{i}.json").read_text()) for i in (0, 1)]
+    batch = ["p0-0", "p0-1", "p0-2", "p1-0"]
+    assert shards[0]["batch"] == shards[1]["batch"] == batch
+    assert shards[0]["mine"] + shards[1]["mine"] == batch
+    assert shards[0]["values"] + shards[1]["values"] == [0, 1, 2, 10]
+    from jaxrlhf.system.buffer import TrajectoryBuffer
+
+    buf = TrajectoryBuffer(str(out / "buffer"))
+    assert buf.cursor == 1 and buf.pending() == ["p1-1", "p1-2"]
 
 
 def test_resume_with_a_different_process_count(runs):

@@ -147,16 +147,31 @@ class TrajectoryBuffer:
 
     # ------------------------------------------------------------------ consumption (process 0)
 
-    def mark_consumed(self, uids: Sequence[str]) -> int:
+    def mark_consumed(self, uids: Sequence[str], *, write: bool = True) -> int:
         """Record batch ``cursor`` as trained on; returns the new cursor (store it in the
-        checkpoint)."""
+        checkpoint). In a multi-process run only process 0 writes (``write``); the others
+        update their view."""
         twice = sorted(set(uids) & self.consumed)
         if twice or len(set(uids)) != len(uids):
             raise ValueError(f"trajectories {twice or list(uids)} would be trained on twice.")
-        self.kv.write(f"consumed/{self.cursor:010d}", json.dumps(list(uids)).encode()).result()
+        if write:
+            key = f"consumed/{self.cursor:010d}"
+            self.kv.write(key, json.dumps(list(uids)).encode()).result()
         self.consumed.update(uids)
         self.cursor += 1
         return self.cursor
+
+    def take_batch(self, size: int) -> tuple[list[str], list[Trajectory]]:
+        """Every process of a run: process 0 picks the next batch, all get its uids, each reads
+        its own slice. Returns (the global batch's uids, this process's trajectories)."""
+        import jax
+
+        from jaxrlhf.system import distributed
+
+        uids = distributed.broadcast_json(
+            self.choose(size) if distributed.is_main() else None, "buffer_batch"
+        )
+        return uids, self.read_shard(uids, jax.process_index(), jax.process_count())
 
     def resume(self, cursor: int) -> None:
         """Forget the batches from ``cursor`` on (taken after the checkpoint being resumed):
