@@ -47,6 +47,7 @@ from jaxrlhf.interfaces.train import accumulate_gradients, apply_gradients, batc
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.transformer import Params
 from jaxrlhf.optim import lr_schedule, make_optimizer
+from jaxrlhf.system.hostio import fetch
 
 Pairs = dict[str, jax.Array]  # chosen, rejected (int32 [P]), valid (float32 [P])
 
@@ -237,7 +238,7 @@ def rm_eval(
     mesh: Mesh | None = None,
 ) -> dict[str, float]:
     """Host entry: BT loss and pairwise metrics of ``packed`` pairs under ``params``."""
-    scores = np.asarray(jax.device_get(compute_scores(params, cfg, packed, mesh=mesh)["scores"]))
+    scores = fetch(compute_scores(params, cfg, packed, mesh=mesh)["scores"])  # gathers shards
     flat = scores.reshape(-1)
     _, metrics = bradley_terry(flat[pairs["chosen"]], flat[pairs["rejected"]], pairs["valid"])
     return {k: float(v) for k, v in jax.device_get(metrics).items()}

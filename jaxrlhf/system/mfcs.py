@@ -262,7 +262,7 @@ class RewardModel:
         max_tokens = mfc.mb_spec.max_tokens or ctx.cfg.reward_model.max_tokens_per_mb
         packed = ctx.pack(data, {}, max_tokens)
         out = compute_scores(m.rm_params, m.rm_cfg, packed, mesh=ctx.mesh)
-        rm_scores = unpack_scalars(packed, np.asarray(jax.device_get(out["scores"])))
+        rm_scores = unpack_scalars(packed, fetch(out["scores"]))
         ctx.metrics |= {"reward/rm_mean": float(rm_scores.mean()),
                         "reward/rm_std": float(rm_scores.std())}  # fmt: skip
         return {mfc.outputs[0]: rm_scores}
