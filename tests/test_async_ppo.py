@@ -156,6 +156,32 @@ def test_request_spanning_a_weight_update_has_two_versions():
         assert not np.allclose(behav[1:][at], per_version[1 - v][at], atol=1e-3)
 
 
+def test_generator_in_its_own_process(tmp_path):
+    """``async_ppo.generator=process``: the disaggregated CPU path trains within η, exactly once,
+    and fails loudly instead of hanging when the generation process dies."""
+    eta, steps = 1, 3
+    cfg = _config(tmp_path, "experiment.mode=async", f"experiment.max_head_offpolicyness={eta}",
+                  "async_ppo.generator=process", "async_ppo.allocation=gen=1,train=4")  # fmt: skip
+    coord = AsyncPPOCoordinator(cfg)
+    used = []
+    try:
+        for _ in range(steps):
+            metrics = coord.train_step()
+            assert metrics["async/staleness_max"] <= eta
+            used += coord.consumed_uids
+        assert len(used) == len(set(used)) == steps * cfg.data.batch_size
+        deadline = time.monotonic() + 30  # the child applies weights at its next chunk boundary
+        while coord.server.health()["version"] != steps and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert coord.server.health()["version"] == steps
+        coord.server._process.kill()
+        with pytest.raises(RuntimeError, match="rollout producer failed"):
+            for _ in range(eta + 2):  # the buffer holds at most η batches already generated
+                coord.train_step()
+    finally:
+        coord.close()
+
+
 class _Chars:
     def decode(self, tokens, skip_special_tokens=True):
         return "".join(chr(48 + int(t)) for t in tokens)

@@ -61,6 +61,7 @@ CASES = [  # (eta, gen_scale, train_s): slow trainer, fast trainer, balanced
     (2, 0.2, 3.0),
     (3, 1.0, 1.0),
     (4, 3.0, 0.2),
+    (4, 1.0, 0.05),  # fast trainer, deep pipeline: breaks "fill with newer finished groups"
 ]
 
 
@@ -68,7 +69,7 @@ CASES = [  # (eta, gen_scale, train_s): slow trainer, fast trainer, balanced
 @pytest.mark.parametrize("seed", range(5))
 def test_staleness_bounded_and_every_group_used_once(eta, gen_scale, train_s, seed):
     batch, steps = 4, 25
-    batches, lags, submitted = simulate(eta, batch, 6, gen_scale, train_s, steps, seed)
+    batches, lags, submitted = simulate(eta, batch, 64, gen_scale, train_s, steps, seed)
     assert all(len(b) == batch for b in batches)
     assert max(max(lag) for lag in lags) <= eta
     used = [u for b in batches for u in b]
@@ -101,6 +102,10 @@ def test_selection_rules():
     # Oldest first among the optional ones; fewer than a batch ready: wait.
     assert select_batch([g(5, 2), g(4, 1), g(6, 1)], 2, 2, 2) == [4, 6]
     assert select_batch([g(4, 2)], 2, 2, 2) is None
+    # Among groups of the same version the finished ones go first; never a newer one instead
+    # of an older one still running (the older would miss its deadline later).
+    assert select_batch([g(0, 1, False), g(1, 1), g(2, 1)], 1, 1, 2) == [1, 2]
+    assert select_batch([g(0, 0, False), g(1, 1), g(2, 1)], 1, 2, 2) is None
     with pytest.raises(StalenessError):  # a token too old is never admitted
         select_batch([g(0, 3, v=0)], 3, 1, 1)
     assert capacity(2, 3, 4, 20) == 4 and capacity(0, 0, 4, 4) == 0

@@ -36,8 +36,16 @@ from jaxrlhf.system.trajectory_queue import TrajectoryQueue
 _ALLOCATION = re.compile(r"^\s*gen\s*=\s*(\d+)\s*,\s*train\s*=\s*(\d+)\s*$")
 
 
-def parse_allocation(allocation: str | None, n_devices: int) -> tuple[int, int]:
-    """``"gen=G,train=T"`` -> (G, T), which must add up to ``n_devices`` (None: half each)."""
+def parse_allocation(
+    allocation: str | None, n_devices: int, *, remote_gen: bool = False
+) -> tuple[int, int]:
+    """``"gen=G,train=T"`` -> (G, T), which must add up to ``n_devices`` (None: half each).
+
+    ``remote_gen``: the generator is another process with its own G devices, and this
+    process's ``n_devices`` all train, so T must equal ``n_devices`` (None: G = T).
+    """
+    if allocation is None and remote_gen:
+        return n_devices, n_devices
     if allocation is None:
         if n_devices < 2 or n_devices % 2:
             raise ConfigError(
@@ -51,6 +59,14 @@ def parse_allocation(allocation: str | None, n_devices: int) -> tuple[int, int]:
             f"async_ppo.allocation={allocation!r} is invalid; expected 'gen=G,train=T'."
         )
     gen, train = int(match[1]), int(match[2])
+    if remote_gen and (gen < 1 or train != n_devices):
+        raise ConfigError(
+            f"async_ppo.allocation={allocation!r} does not match this process's {n_devices} "
+            "devices: with async_ppo.generator='process' they all train (train must equal "
+            "their count) and the generator process brings gen >= 1 devices of its own."
+        )
+    if remote_gen:
+        return gen, train
     if gen < 1 or train < 1 or gen + train != n_devices:
         raise ConfigError(
             f"async_ppo.allocation={allocation!r} does not match the {n_devices} devices: "
@@ -76,10 +92,18 @@ class AsyncPPOCoordinator(PPOCoordinator):
     ) -> None:
         if cfg.experiment.mode != "async":
             raise ConfigError("AsyncPPOCoordinator needs experiment.mode='async'.")
-        self.gen_devices, self._train_devs = split_devices(cfg.async_ppo.allocation)
+        self.remote_gen = cfg.async_ppo.generator == "process"
+        if self.remote_gen:  # the generator process brings its own devices
+            n_gen, _ = parse_allocation(cfg.async_ppo.allocation, jax.device_count(),
+                                        remote_gen=True)  # fmt: skip
+            self.gen_devices, self._train_devs = [], jax.devices()
+        else:
+            self.gen_devices, self._train_devs = split_devices(cfg.async_ppo.allocation)
+            n_gen = len(self.gen_devices)
+        self.n_gen_devices = n_gen
         super().__init__(cfg, logger=logger)
         self.eta = cfg.experiment.max_head_offpolicyness
-        self.gen_mesh = make_mesh(-1, 1, 1, devices=self.gen_devices)
+        self.gen_mesh = None if self.remote_gen else make_mesh(-1, 1, 1, devices=self.gen_devices)
         self.server = server if server is not None else self._make_server()
         self.buffer = TrajectoryQueue(cfg.data.batch_size, self.eta, version=self.version)
         self.producer: RolloutProducer | None = None
@@ -106,7 +130,7 @@ class AsyncPPOCoordinator(PPOCoordinator):
             from jaxrlhf.system.remote_server import RemoteGenerationServer
 
             return RemoteGenerationServer(
-                self.models.actor_cfg, self.models.actor.params, n_devices=len(self.gen_devices),
+                self.models.actor_cfg, self.models.actor.params, n_devices=self.n_gen_devices,
                 **kwargs,
             )  # fmt: skip
         handle = ModelHandle(self.models.actor_cfg, self.models.actor.params, self.gen_mesh)

@@ -6,16 +6,18 @@ Units are *groups*: one prompt with its ``n`` samples (a GRPO group is never spl
 batch is ``batch_size`` groups. With η = ``max_head_offpolicyness`` and trainer version V:
 
 * **Capacity** (producers): a group may be submitted only while the number of groups ever
-  submitted is below ``(η + V + 1) * batch_size``.
-* **Selection** (trainer, before the update V -> V + 1): every outstanding group submitted at a
-  version ``<= V - η`` *must* be in this batch (waiting for it if it still runs); the rest of the
-  batch is filled with the oldest finished groups (by submit version, then submission order).
+  submitted is below ``(η + V + 1) * B``; it is stamped with its submit version s.
+* **Selection** (trainer, before the update V -> V + 1): the batch is the B outstanding groups
+  with the oldest submit versions (ready ones first among equals), waiting while one of them
+  still runs: earliest-deadline-first, the deadline of a group being ``s + η``.
 
-Why this bounds staleness: at most ``(η + s + 1) * B`` groups were submitted at versions ``<= s``;
-for ``s = V - η`` that is ``(V + 1) * B``, of which ``V * B`` were consumed, so the mandatory ones
-always fit in one batch, and a group is consumed at the latest at version ``s + η``. Its tokens
-were produced at versions ``>= s``, so ``V - min(token version) <= η``. With η = 0 the trainer
-takes exactly the groups of the previous submission round: the synchronous algorithm.
+Why this bounds staleness: by the capacity rule at most ``(d + 1) * B`` groups ever have a
+deadline ``<= d``, and B groups are consumed per version, so EDF meets every deadline: a group
+submitted at s is consumed at a version ``<= s + η``. Its tokens were produced at versions
+``>= s``, so ``V - min(token version) <= η``. Filling a batch with newer finished groups while
+older ones still run would break this (the older ones pile up past their deadline; the
+simulation in ``tests/test_staleness.py`` finds such cases). With η = 0 the trainer takes
+exactly the groups of the previous submission round: the synchronous algorithm.
 """
 
 from __future__ import annotations
@@ -48,24 +50,18 @@ def select_batch(
 ) -> list[int] | None:
     """The uids of the next train batch (in submission order), or None if it must wait.
 
-    Waits while a mandatory group (submitted at ``<= version - eta``) still runs, or while fewer
-    than ``batch_size`` groups are ready.
+    The ``batch_size`` groups with the oldest submit versions (ready first among equals); None
+    while fewer are outstanding or one of them still runs.
     """
-    groups = list(groups)
-    mandatory = [g for g in groups if g.submit_version <= version - eta]
-    if len(mandatory) > batch_size:
+    ordered = sorted(groups, key=lambda g: (g.submit_version, not g.ready, g.uid))
+    overdue = [g for g in ordered if g.submit_version <= version - eta]
+    if len(overdue) > batch_size:
         raise StalenessError(
-            f"{len(mandatory)} groups must be consumed at version {version} (η={eta}) but a "
+            f"{len(overdue)} groups must be consumed at version {version} (η={eta}) but a "
             f"batch holds {batch_size}: the capacity rule was not applied."
         )
-    if not all(g.ready for g in mandatory):
-        return None
-    rest = sorted(
-        (g for g in groups if g.ready and g.submit_version > version - eta),
-        key=lambda g: (g.submit_version, g.uid),
-    )
-    chosen = mandatory + rest[: batch_size - len(mandatory)]
-    if len(chosen) < batch_size:
+    chosen = ordered[:batch_size]
+    if len(chosen) < batch_size or not all(g.ready for g in chosen):
         return None
     for g in chosen:
         if g.min_version is not None and version - g.min_version > eta:
