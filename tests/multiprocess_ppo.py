@@ -5,8 +5,8 @@
 Runs `launchers/ppo.py`'s path (``distributed.initialize``, the coordinator, ``finish``) on
 ``configs/toy_ppo.yaml`` with the overrides; process 0 then writes ``OUT_DIR/result.npz`` (the
 final actor params) and ``OUT_DIR/result.json`` (metric and eval history). With
-``JAXRLHF_TEST_DIE=<process>:<step>`` that process SIGKILLs itself inside the actor update of
-that step, after writing the time to ``OUT_DIR/died_at``.
+``JAXRLHF_TEST_DIE=<process>:<step>[:STOP]`` that process SIGKILLs (SIGSTOPs: hangs) itself
+inside the actor update of that step, after writing the time to ``OUT_DIR/died_at``.
 
 After the run every process commits 3 trajectories to a shared `TrajectoryBuffer`, process 0
 picks a batch of 4, every process reads its slice and writes ``OUT_DIR/shard<i>.json``.
@@ -46,13 +46,15 @@ def main() -> None:
 
     die = os.environ.get("JAXRLHF_TEST_DIE")
     if die:
-        pid, step = map(int, die.split(":"))
+        pid, step, *how = die.split(":")
+        pid, step = int(pid), int(step)
+        sig = signal.SIGSTOP if how == ["STOP"] else signal.SIGKILL  # STOP: a hung process
         train = mfcs.PPOActor.train
 
         def dying_train(ctx, mfc, data):
             if ctx.step == step and jax.process_index() == pid:
                 (out / "died_at").write_text(repr(time.time()))
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), sig)
             return train(ctx, mfc, data)
 
         mfcs.PPOActor.train = staticmethod(dying_train)
