@@ -221,6 +221,7 @@ def test_sft_eval_loss_drops_and_ppo_starts_from_the_export(tmp_path):
         f"actor.path={export}", "sft_warmup.steps=0", "experiment.total_steps=2",
         "experiment.eval_every=0", "data.batch_size=4", "data.eval_size=8",
         "generation.n_samples=2", "generation.max_new_tokens=4", "logging.progress=false",
+        "generation.max_concurrent=8",
         f"experiment.output_dir={tmp_path / 'ppo'}",
     ])  # fmt: skip
     coordinator = PPOCoordinator(ppo_cfg)

@@ -26,8 +26,6 @@ class RMTrainer(SupervisedTrainer):
 
     name = "rm"
     value_head = True
-    best_mode = "max"
-    headline = "eval/accuracy"
 
     @property
     def max_seq_len(self) -> int:
@@ -52,7 +50,7 @@ class RMTrainer(SupervisedTrainer):
             self.state, packed, pairs, cfg=self.handle.config, opt_cfg=self.cfg.actor.optimizer,
             total_steps=self.total, mesh=self.mesh,
         )  # fmt: skip
-        return metrics
+        return metrics | {"seq_tokens": packed.real_tokens()}
 
     def evaluate(self) -> dict[str, float]:
         examples = self.eval_examples()

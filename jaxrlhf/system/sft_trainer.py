@@ -40,11 +40,12 @@ class SFTTrainer(SupervisedTrainer):
         )  # fmt: skip
 
     def train_on(self, examples: list[SFTExample]) -> dict[str, Any]:
+        packed = self.pack(examples)
         self.state, metrics = sft_train(
-            self.state, self.pack(examples), cfg=self.handle.config,
-            opt_cfg=self.cfg.actor.optimizer, total_steps=self.total, mesh=self.mesh,
+            self.state, packed, cfg=self.handle.config, opt_cfg=self.cfg.actor.optimizer,
+            total_steps=self.total, mesh=self.mesh,
         )  # fmt: skip
-        return metrics
+        return metrics | {"seq_tokens": packed.real_tokens()}
 
     def evaluate(self) -> dict[str, float]:
         examples = self.eval_examples()

@@ -33,8 +33,6 @@ class SupervisedTrainer:
 
     name = "supervised"
     value_head = False  # a reward model: trunk + scalar head, no LM head
-    best_mode = "min"  # the direction of `headline` (eval/loss: lower is better)
-    headline = "eval/loss"
 
     def __init__(self, cfg: Config, *, logger: MetricsLogger | None = None) -> None:
         self.cfg = cfg
@@ -66,7 +64,8 @@ class SupervisedTrainer:
         raise NotImplementedError
 
     def train_on(self, examples: list[Any]) -> dict[str, Any]:
-        """One optimizer step on ``examples``; updates ``self.state``; returns metrics."""
+        """One optimizer step on ``examples``; updates ``self.state``; returns metrics, with
+        ``seq_tokens`` (tokens the model ran on, for the throughput)."""
         raise NotImplementedError
 
     def evaluate(self) -> dict[str, float]:
@@ -177,8 +176,9 @@ class SupervisedTrainer:
             self.step += 1
             tick = time.perf_counter()
             metrics = self.train_on(examples)
-            metrics = {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
-            tokens = float(metrics.get("train/tokens", 0.0))
+            metrics = jax.device_get(metrics)  # also waits for the step: timing below is real
+            tokens = float(metrics.pop("seq_tokens"))
+            metrics = {f"train/{k}": v for k, v in metrics.items()}
             metrics["perf/tokens_per_s"] = tokens / max(time.perf_counter() - tick, 1e-9)
             every = cfg.experiment.eval_every
             due = (every and self.step % every == 0) or self.step == self.total
