@@ -14,7 +14,9 @@ collectives differs (in-process vs gloo over TCP). See `test_two_by_two_equals_o
 for what is compared and how exactly.
 """
 
+import fcntl
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -83,9 +85,8 @@ def _result(out: Path):
     return params, json.loads((out / "result.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("mp")
+def _scenario(base: Path) -> dict:
+    """Runs A, K, K resumed and D (module docstring); JSON-able facts about the kill."""
     cache = base / "jax_cache"
     a = _start(base / "a", 1, 4, cache)
     k = _start(base / "k", 2, 2, cache, die="1:3")
@@ -118,8 +119,26 @@ def runs(tmp_path_factory):
     logs = {f"{d}{i}": (base / d / f"p{i}.log").read_text() for d, i in
             (("k", 0), ("k", 1), ("d", 0))}  # fmt: skip
     assert codes == [0, 0, 0], "\n".join(t[-2000:] for t in logs.values())
+    return {"killed": killed, "logs": logs}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The scenario, run once per session even when pytest-xdist spreads these tests over
+    workers (they share the session's temporary root; a file lock elects the one that runs)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    base = root / "multihost_runs"
+    base.mkdir(exist_ok=True)
+    summary = base / "summary.json"
+    with open(base / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not summary.exists():
+            summary.write_text(json.dumps(_scenario(base)))
+    info = json.loads(summary.read_text())
     return {"a": _result(base / "a"), "k": _result(base / "k"), "d": _result(base / "d"),
-            "killed": killed, "logs": logs, "dirs": {"k": base / "k"}}  # fmt: skip
+            "dirs": {"k": base / "k"}, **info}  # fmt: skip
 
 
 def _max_diff(x, y) -> float:
@@ -195,6 +214,21 @@ def test_bad_distributed_settings_are_one_sentence(monkeypatch):
     monkeypatch.delenv("JAX_NUM_PROCESSES")
     monkeypatch.delenv("JAX_PROCESS_ID")
     assert distributed.initialize(DistributedConfig()) is False
+
+
+def test_mesh_not_matching_the_global_device_count_is_one_line():
+    """Through the local launcher: 2 processes x 2 devices and a mesh of 3 -> both processes
+    print the same one-line config error naming the global device count and exit 2."""
+    cmd = [sys.executable, str(ROOT / "launchers" / "multiprocess.py"), "-n", "2",
+           "--cpu-devices", "2", "--grace", "20", "--", "launchers/ppo.py",
+           "--config", "configs/toy_ppo.yaml", "mesh.data=3", "logging.progress=false",
+           f"distributed.heartbeat_timeout_s={HEARTBEAT_S}"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout[-3000:]
+    for p in (0, 1):
+        line = f"[p{p}] config error: mesh data=3 x fsdp=1 x tensor=1 = 3 devices, but 4 are"
+        assert line in out.stdout, out.stdout[-3000:]
 
 
 def test_heartbeat_names_a_silent_peer():

@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ import jax
 import numpy as np
 
 from jaxrlhf.config import ConfigError, DistributedConfig
+from jaxrlhf.registry import RegistryError
 
 T = TypeVar("T")
 
@@ -162,15 +164,26 @@ def finish() -> None:
 
 
 def guarded(fn: Callable[[], T]) -> T:
-    """Run ``fn``; if it raises in a multi-process run, first give the watchdog its timeout to
-    name a dead peer (a failed collective is usually a symptom of one), then re-raise."""
+    """Run ``fn`` and handle its failure in a multi-process run.
+
+    A config error is the same on every process: re-raised at once (one line, exit 2). Any
+    other exception may be the symptom of a dead peer (a failed collective), so the watchdog
+    first gets its timeout to name one; then the traceback is printed and the process exits 1
+    without JAX's shutdown barrier, which would wait for peers that are blocked on this one.
+    """
     try:
         return fn()
-    except BaseException:
-        heartbeat = _state["heartbeat"]
-        if heartbeat is not None:
-            heartbeat.wait_for_verdict()
+    except (ConfigError, RegistryError, KeyboardInterrupt):
         raise
+    except Exception:
+        heartbeat = _state["heartbeat"]
+        if heartbeat is None:
+            raise
+        heartbeat.wait_for_verdict()
+        traceback.print_exc()
+        print(f"jaxrlhf: process {jax.process_index()} failed (traceback above); stopping.",
+              file=sys.stderr, flush=True)  # fmt: skip
+        os._exit(1)
 
 
 def _client() -> Any:
