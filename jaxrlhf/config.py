@@ -349,6 +349,7 @@ class AsyncConfig:
 class DistributedConfig:
     """Multi-process (multi-host) runs: ``jax.distributed`` and failure detection."""
 
+    enabled: bool | None = None  # None: when configured or detected; true: always; false: never
     coordinator_address: str | None = None  # "host:port"; None: auto-detect or single process
     num_processes: int | None = _field(None, ge=1)
     process_id: int | None = _field(None, ge=0)

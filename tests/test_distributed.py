@@ -214,6 +214,8 @@ def test_bad_distributed_settings_are_one_sentence(monkeypatch):
     monkeypatch.delenv("JAX_NUM_PROCESSES")
     monkeypatch.delenv("JAX_PROCESS_ID")
     assert distributed.initialize(DistributedConfig()) is False
+    off = DistributedConfig(enabled=False, coordinator_address="localhost:1", num_processes=2)
+    assert distributed.initialize(off) is False
 
 
 def test_mesh_not_matching_the_global_device_count_is_one_line():

@@ -52,8 +52,13 @@ def _env_int(name: str) -> int | None:
 def _cluster_detected() -> bool:
     """Whether JAX's own auto-detection has a multi-process launcher to read."""
     env = os.environ
+    try:  # a Cloud TPU VM (pod or not): JAX reads the topology from the TPU metadata
+        from jax._src.clusters.cloud_tpu_cluster import running_in_cloud_tpu_vm
+    except ImportError:
+        running_in_cloud_tpu_vm = False
     return (
-        int(env.get("SLURM_NTASKS", env.get("SLURM_STEP_NUM_TASKS", "1")) or 1) > 1
+        running_in_cloud_tpu_vm
+        or int(env.get("SLURM_NTASKS", env.get("SLURM_STEP_NUM_TASKS", "1")) or 1) > 1
         or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
         or "TPU_WORKER_HOSTNAMES" in env
         or "MEGASCALE_COORDINATOR_ADDRESS" in env
@@ -88,7 +93,10 @@ def initialize(cfg: DistributedConfig) -> bool:
     address, count, pid = resolve(cfg)
     if jax.distributed.is_initialized():
         return True
-    if count == 1 or (address is None and count is None and not _cluster_detected()):
+    if cfg.enabled is False:
+        return False
+    detected = count is not None or address is not None or _cluster_detected()
+    if cfg.enabled is None and (count == 1 or not detected):
         return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     timeout = cfg.heartbeat_timeout_s
