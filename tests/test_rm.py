@@ -156,8 +156,8 @@ def test_loading_a_model_without_reward_head_is_refused(tmp_path):
 
 
 def test_toy_run_export_and_ppo_with_the_reward_model(tmp_path, tok):
-    """One test (one training run, a few dozen seconds): the toy config as shipped ranks
-    held-out pairs (> 0.9); its export reads back bit-exactly in jaxrlhf and as an HF sequence
+    """One test (one training run, a few dozen seconds): the toy config, shortened to 200 steps,
+    ranks held-out pairs (> 0.9); its export reads back bit-exactly in jaxrlhf and as an HF sequence
     classifier; PPO scores samples with it, and the scores reach the advantages with the
     configured weights (reward/total_mean is the weighted sum the estimator receives)."""
     import torch
@@ -168,8 +168,8 @@ def test_toy_run_export_and_ppo_with_the_reward_model(tmp_path, tok):
     from jaxrlhf.system.reward_model import load_reward_model
     from jaxrlhf.system.rm_trainer import RMTrainer
 
-    trainer = RMTrainer(_cfg(tmp_path / "rm", "experiment.eval_every=0",
-                             "checkpoint.save_every=0"))  # fmt: skip
+    fast = ["experiment.total_steps=200", "experiment.eval_every=0", "checkpoint.save_every=0"]
+    trainer = RMTrainer(_cfg(tmp_path / "rm", *fast))
     with trainer.logger:
         summary = trainer.run()
     assert summary["before"]["eval/accuracy"] < 0.75

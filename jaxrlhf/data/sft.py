@@ -196,7 +196,9 @@ class _Tokens:
         )
         return self.encode(text, special=False)
 
-    def prompt_response(self, prompt: Any, response: str, chat: bool) -> tuple[list, list]:
+    def prompt_response(
+        self, prompt: Any, response: str, chat: bool, where: str = "?"
+    ) -> tuple[list, list]:
         """(prompt ids, response ids) of one turn; chat: rendered by the template."""
         if isinstance(prompt, list) or chat:
             msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
@@ -204,7 +206,10 @@ class _Tokens:
             head = self.chat(msgs, generation_prompt=True)
             full = self.chat([*msgs, {"role": "assistant", "content": response}])
             if full[: len(head)] != head:
-                raise DataError("the chat template does not render the prompt as a prefix.")
+                raise DataError(
+                    f"{where}: the tokenizer's chat template does not render the prompt as a "
+                    "prefix of the prompt + response, so the response tokens cannot be found."
+                )
             return head, full[len(head) :]
         return self.encode(prompt, special=True), [*self.encode(response, False), self.eos]
 
@@ -296,7 +301,7 @@ def load_sft_table(cfg: Config, tokenizer: Any, split: Split = "train") -> Examp
             if not (_is_messages(prompt) or (isinstance(prompt, str) and prompt.strip())):
                 check.bad(row.where, "bad_value", f"prompt {d.prompt_key!r} is empty or not text")
                 continue
-            head, tail = tokens.prompt_response(prompt, response, d.apply_chat_template)
+            head, tail = tokens.prompt_response(prompt, response, d.apply_chat_template, row.where)
             ids, mask = head + tail, [0.0] * len(head) + [1.0] * len(tail)
         if len(ids) > s.max_seq_len:
             check.bad(row.where, "too_long", f"{len(ids)} tokens > sft.max_seq_len {s.max_seq_len}")
@@ -347,7 +352,8 @@ def load_pair_table(cfg: Config, tokenizer: Any, split: Split = "train") -> Exam
                     check.bad(row.where, "bad_value", f"{key!r} does not end with a non-empty "
                               "assistant turn")  # fmt: skip
                     break
-                head, tail = tokens.prompt_response(turns[:-1], str(turns[-1]["content"]), True)
+                answer = str(turns[-1]["content"])
+                head, tail = tokens.prompt_response(turns[:-1], answer, True, row.where)
             else:
                 text = _text(value)
                 if prompt is _MISSING or prompt is None:
@@ -358,7 +364,7 @@ def load_pair_table(cfg: Config, tokenizer: Any, split: Split = "train") -> Exam
                     check.bad(row.where, "bad_value", f"response {key!r} is {what}; a pair "
                               "needs two non-empty responses")  # fmt: skip
                     break
-                head, tail = tokens.prompt_response(prompt, text, d.apply_chat_template)
+                head, tail = tokens.prompt_response(prompt, text, d.apply_chat_template, row.where)
             if len(head) + len(tail) > r.max_seq_len:
                 n = len(head) + len(tail)
                 check.bad(row.where, "too_long", f"{key!r} has {n} tokens > rm.max_seq_len "
