@@ -1,7 +1,7 @@
 """Does async PPO learn as well as sync? The toy experiment in both modes, same seed and samples.
 
-Runs ``configs/toy_ppo.yaml`` (sync) and ``configs/toy_async_ppo.yaml`` (async, η = 2, decoupled
-loss, generator in its own process with the trainer pinned to the last core) for ``--steps`` RL
+Runs ``configs/toy_ppo.yaml`` (sync) and ``configs/toy_async_ppo.yaml`` (async, η = ``--eta``,
+decoupled loss, generator in its own process, trainer pinned to the last core) for ``--steps`` RL
 steps each (equal numbers of samples: steps x 32 prompts x 8), evaluating the held-out reward
 every ``--eval-every`` steps, and plots both held-out curves against samples in one figure.
 Acceptance: final held-out rewards within 0.05.
@@ -35,7 +35,8 @@ def child(args: argparse.Namespace) -> None:
         os.path.join(ROOT, "configs", CONFIGS[args.child]),
         [f"experiment.total_steps={args.steps}", f"experiment.eval_every={args.eval_every}",
          f"experiment.output_dir={out}", "logging.progress=false", "checkpoint.save_every=0",
-         f"experiment.seed={args.seed}"],
+         f"experiment.seed={args.seed}"]
+        + ([f"experiment.max_head_offpolicyness={args.eta}"] if args.child == "async" else []),
     )  # fmt: skip
     if args.child == "async":
         from jaxrlhf.system.async_ppo import AsyncPPOCoordinator as Coordinator
@@ -62,16 +63,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eta", type=int, default=2, help="max_head_offpolicyness of async")
+    ap.add_argument("--modes", default="sync,async", help="which runs (the plot needs both)")
     ap.add_argument("--plot", default="runs/async_learning.png")
     ap.add_argument("--timeout", type=int, default=7200, help="seconds per mode")
     args = ap.parse_args()
     if args.child:
         child(args)
         return
-    results: dict = {"steps": args.steps, "seed": args.seed}
-    for mode in ("sync", "async"):
+    results: dict = {"steps": args.steps, "seed": args.seed, "eta": args.eta}
+    for mode in args.modes.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, f"--seed={args.seed}",
-               f"--steps={args.steps}", f"--eval-every={args.eval_every}"]  # fmt: skip
+               f"--steps={args.steps}", f"--eval-every={args.eval_every}",
+               f"--eta={args.eta}"]  # fmt: skip
         n = os.cpu_count() or 1
         if mode == "async" and n > 1:
             cmd = ["taskset", "-c", str(n - 1), *cmd]
@@ -82,7 +86,7 @@ def main() -> None:
             continue
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
         results[mode]["loadavg_before_after"] = [round(load, 2), round(os.getloadavg()[0], 2)]
-    if all("eval" in results[m] for m in ("sync", "async")):
+    if all("eval" in results.get(m, {}) for m in ("sync", "async")):
         final = {m: results[m]["eval"][-1][1] for m in ("sync", "async")}
         results["final_eval_reward"] = final
         results["final_gap"] = final["async"] - final["sync"]
@@ -99,7 +103,7 @@ def main() -> None:
                 ax.plot(xs, ys, marker="o", label=m)
             ax.set_xlabel("samples trained on")
             ax.set_ylabel("held-out reward (greedy)")
-            ax.set_title("toy arithmetic: sync vs async PPO (η = 2)")
+            ax.set_title(f"toy arithmetic: sync vs async PPO (η = {args.eta})")
             ax.legend()
             os.makedirs(os.path.dirname(args.plot) or ".", exist_ok=True)
             fig.savefig(args.plot, dpi=100, bbox_inches="tight")

@@ -1,10 +1,11 @@
 """Samples/s of asynchronous vs synchronous PPO on this CPU, heavy-tailed response lengths.
 
-Workload: the toy policy architecture (``configs/toy_ppo.yaml``), random init (no SFT warm
-start), GRPO on the built-in prompts, ``--batch`` prompts x 8 samples, up to ``--new-tokens``
-new tokens at temperature 1. An untrained policy stops at EOS at a context-dependent rate, so
-response lengths are a mixture of geometric tails (their median / p90 / max are reported). The
-reward is the fraction of digit characters in the response (dense, so the curves move).
+Workload: the toy policy (``configs/toy_ppo.yaml``) after only ``--sft-steps`` SFT warm-start
+steps, GRPO on the built-in arithmetic prompts (exact-answer reward, no reference model),
+``--batch`` prompts x 8 samples, up to ``--new-tokens`` new tokens at temperature 1. The barely
+warmed-up policy usually answers in a few tokens but sometimes rambles on: heavy-tailed
+response lengths (median / p90 / max are reported), the regime where a synchronous batch waits
+for its longest response.
 
 * ``sync``: `PPOCoordinator` in one process with every core: generate (the whole batch waits for
   its longest response), reward, update, weight sync.
@@ -15,10 +16,13 @@ reward is the fraction of digit characters in the response (dense, so the curves
   is). η = ``--eta``; the server refills decode slots as responses finish.
 
 Each mode runs in a fresh subprocess: ``--warmup`` steps (compilation), then ``--steps`` timed
-steps; samples/s = samples consumed by the timed steps / their wall time. The load average is
+steps. ``samples_per_s`` = samples trained by the timed steps / their wall time (async: the
+lower of consumption and production, since the buffer starts the window full); packed batches
+of new shapes still compile inside the window, in both modes, so ``median_step_samples_per_s``
+(samples per step / median step seconds) is also given as the steady state. The load average is
 recorded around each run: this CPU is shared, so compare figures from one run only.
 
-    python benchmarks/async_vs_sync.py [--steps 20] [--eta 2] [--plot runs/async_vs_sync.png]
+    python benchmarks/async_vs_sync.py [--steps 30] [--eta 2] [--plot runs/async_vs_sync.png]
 
 The last line printed is one JSON object with every figure.
 """
@@ -48,8 +52,8 @@ def overrides(args: argparse.Namespace, mode: str, out: str) -> list[str]:
         "checkpoint.save_every=0", f"data.batch_size={args.batch}", "generation.n_samples=8",
         f"generation.max_new_tokens={args.new_tokens}", "generation.decode_chunk=8",
         f"generation.max_concurrent={args.batch * 8}",
-        "algorithm.decoupled_loss=true", "algorithm.behav_imp_weight_cap=5.0",
-        "actor.max_position_embeddings=256", "data.eval_size=16",
+        "algorithm.decoupled_loss=true", "algorithm.behav_imp_weight_cap=5.0", "ref.enabled=false",
+        f"actor.max_position_embeddings={max(256, 16 + args.new_tokens)}", "data.eval_size=16",
     ]  # fmt: skip
     if mode == "async":
         common += [
@@ -170,7 +174,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8, help="untimed steps (compilation)")
     ap.add_argument("--eta", type=int, default=2, help="max_head_offpolicyness of async")
     ap.add_argument("--batch", type=int, default=16, help="prompts per step (x 8 samples)")
-    ap.add_argument("--new-tokens", type=int, default=96, help="max new tokens")
+    ap.add_argument("--new-tokens", type=int, default=256, help="max new tokens")
     ap.add_argument("--sft-steps", type=int, default=5, help="SFT warm-start steps")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per mode")
     ap.add_argument("--plot", default="runs/async_vs_sync.png", help="reward curves plot")

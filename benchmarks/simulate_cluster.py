@@ -93,42 +93,6 @@ def lengths(rng: np.random.Generator, count: int, a: argparse.Namespace) -> np.n
     return np.clip(x, 1, a.max_len).astype(np.int64)
 
 
-def generate_on(costs: Costs, slots: int, jobs: list[tuple[int, int]], prompt: int) -> float:
-    """Continuous batching of ``jobs`` (length, _) on one instance; seconds until all finish."""
-    queue = sorted(jobs, key=lambda j: j[1])
-    t, running = 0.0, []  # heap of (finish token count, length)
-    done_tokens = 0  # decode steps so far
-    while queue or running:
-        while queue and len(running) < slots:
-            length, _ = queue.pop(0)
-            t += prompt * costs.prefill_token_s
-            heapq.heappush(running, (done_tokens + length, length))
-        k = running[0][0] - done_tokens
-        cached = len(running) * (prompt + k / 2) + sum(done_tokens - (f - ln) for f, ln in running)
-        t += k * costs.decode_step(len(running), cached)
-        done_tokens += k
-        while running and running[0][0] <= done_tokens:
-            heapq.heappop(running)
-    return t
-
-
-def simulate_sync(costs: Costs, gpus: int, a: argparse.Namespace, seed: int = 0) -> float:
-    """Samples/s: generate the whole batch on every GPU, then train on every GPU."""
-    rng = np.random.default_rng(seed)
-    total_t, samples = 0.0, 0
-    n_seqs = a.batch * a.group
-    for _ in range(a.steps):
-        lens = lengths(rng, n_seqs, a)
-        per_gpu = [[] for _ in range(gpus)]
-        for i, length in enumerate(sorted(lens, reverse=True)):  # longest first, balanced
-            per_gpu[i % gpus].append((int(length), i))
-        gen = max(generate_on(costs, a.slots, jobs, a.prompt_len) for jobs in per_gpu)
-        tokens = float(lens.sum() + n_seqs * a.prompt_len)
-        total_t += gen + tokens * costs.train_token_s / gpus + costs.weight_sync_s
-        samples += n_seqs
-    return samples / total_t
-
-
 class _Instance:
     """One generation GPU: running sequences (finish step, uid, length), a FIFO queue, and a
     clock; between events its decode rate is constant (a fluid model of continuous batching)."""
@@ -138,10 +102,14 @@ class _Instance:
         self.run: list[tuple[int, int, int]] = []
         self.queue: list[tuple[int, int]] = []
         self.steps, self.t = 0, 0.0
+        self.sum_start = 0  # sum of the start steps of the running sequences
+
+    def cached(self, k: float = 0.0) -> float:
+        """KV tokens held, averaged over the next ``k`` steps."""
+        return len(self.run) * (self.prompt + self.steps + k / 2) - self.sum_start
 
     def step_s(self, k: float = 0.0) -> float:
-        cached = sum(self.prompt + self.steps - (f - ln) + k / 2 for f, _, ln in self.run)
-        return self.costs.decode_step(len(self.run), cached)
+        return self.costs.decode_step(len(self.run), self.cached(k))
 
     def next_finish(self) -> tuple[float, int]:
         if not self.run:
@@ -159,13 +127,14 @@ class _Instance:
 
     def add(self, uid: int, length: int, now: float) -> None:
         self.advance(now)
-        self.queue.append((uid, length))
+        self.queue.insert(0, (uid, length))  # FIFO: `_fill` pops from the end
         self._fill()
 
     def _fill(self) -> None:
         while self.queue and len(self.run) < self.slots:
-            uid, length = self.queue.pop(0)
+            uid, length = self.queue.pop()
             self.t += self.prompt * self.costs.prefill_token_s
+            self.sum_start += self.steps
             heapq.heappush(self.run, (self.steps + length, uid, length))
 
     def pop_finished(self, k: int, finish: float) -> list[int]:
@@ -173,15 +142,45 @@ class _Instance:
         self.t = finish
         out = []
         while self.run and self.run[0][0] <= self.steps:
-            out.append(heapq.heappop(self.run)[1])
+            finish, uid, length = heapq.heappop(self.run)
+            self.sum_start -= finish - length
+            out.append(uid)
         self._fill()
         return out
 
     def interrupt(self, now: float, sync_s: float) -> None:
         """New weights: pause for the transfer and re-prefill every in-flight context."""
         self.advance(now)
-        cached = sum(self.prompt + self.steps - (f - ln) for f, _, ln in self.run)
-        self.t += sync_s + cached * self.costs.prefill_token_s
+        self.t += sync_s + self.cached() * self.costs.prefill_token_s
+
+
+def generate_on(costs: Costs, slots: int, jobs: list[int], prompt: int) -> float:
+    """Continuous batching of ``jobs`` (response lengths) on one instance; seconds to finish."""
+    g = _Instance(costs, slots, prompt)
+    for i, length in enumerate(jobs):
+        g.queue.insert(0, (i, length))
+    g._fill()
+    while g.run:
+        finish, k = g.next_finish()
+        g.pop_finished(k, finish)
+    return g.t
+
+
+def simulate_sync(costs: Costs, gpus: int, a: argparse.Namespace, seed: int = 0) -> float:
+    """Samples/s: generate the whole batch on every GPU, then train on every GPU."""
+    rng = np.random.default_rng(seed)
+    total_t, samples = 0.0, 0
+    n_seqs = a.batch * a.group
+    for _ in range(a.steps):
+        lens = lengths(rng, n_seqs, a)
+        per_gpu = [[] for _ in range(gpus)]
+        for i, length in enumerate(sorted(lens, reverse=True)):  # longest first, balanced
+            per_gpu[i % gpus].append(int(length))
+        gen = max(generate_on(costs, a.slots, jobs, a.prompt_len) for jobs in per_gpu)
+        tokens = float(lens.sum() + n_seqs * a.prompt_len)
+        total_t += gen + tokens * costs.train_token_s / gpus + costs.weight_sync_s
+        samples += n_seqs
+    return samples / total_t
 
 
 def simulate_async(
@@ -285,7 +284,7 @@ def calibrate(a: argparse.Namespace) -> dict:
     from jaxrlhf.interfaces import ActorLossSpec, actor_train, init_train_state, pack_sequences
 
     seqs = [np.full(24, 5, np.int32) for _ in range(128)]
-    ones = [np.ones(24, np.float32) for _ in range(128)]
+    ones = [np.concatenate([[0.0], np.ones(23)]).astype(np.float32) for _ in range(128)]
     packed = pack_sequences(seqs, {"loss_mask": ones, "advantages": ones},
                             max_tokens_per_mb=2048)  # fmt: skip
     opt = cfg.actor.optimizer
@@ -303,7 +302,7 @@ def calibrate(a: argparse.Namespace) -> dict:
                               train_token_s=2 * train_token_s)  # fmt: skip
     cpu = argparse.Namespace(**{**vars(a), "batch": 16, "group": 8, "prompt_len": 8,
                                 "median_len": a.cpu_median_len, "len_sigma": a.cpu_len_sigma,
-                                "max_len": 96, "slots": 128})  # fmt: skip
+                                "max_len": 256, "slots": 128})  # fmt: skip
     sync = simulate_sync(both, 1, cpu)
     asy = simulate_async(one, 1, 1, cpu)
     return {
