@@ -33,7 +33,7 @@ from jaxrlhf.system import distributed
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = str(Path(__file__).with_name("multiprocess_ppo.py"))
 sys.path.insert(0, str(ROOT / "launchers"))
-from multiprocess import child_env, free_port  # noqa: E402
+from local_processes import child_env, free_port  # noqa: E402
 
 HEARTBEAT_S = 4.0
 TINY = [
@@ -221,7 +221,7 @@ def test_bad_distributed_settings_are_one_sentence(monkeypatch):
 def test_mesh_not_matching_the_global_device_count_is_one_line():
     """Through the local launcher: 2 processes x 2 devices and a mesh of 3 -> both processes
     print the same one-line config error naming the global device count and exit 2."""
-    cmd = [sys.executable, str(ROOT / "launchers" / "multiprocess.py"), "-n", "2",
+    cmd = [sys.executable, str(ROOT / "launchers" / "local_processes.py"), "-n", "2",
            "--cpu-devices", "2", "--grace", "20", "--", "launchers/ppo.py",
            "--config", "configs/toy_ppo.yaml", "mesh.data=3", "logging.progress=false",
            f"distributed.heartbeat_timeout_s={HEARTBEAT_S}"]  # fmt: skip

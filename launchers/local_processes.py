@@ -1,6 +1,6 @@
 """N local processes of one multi-process run (development and tests).
 
-    python launchers/multiprocess.py -n 2 --cpu-devices 2 -- launchers/ppo.py \\
+    python launchers/local_processes.py -n 2 --cpu-devices 2 -- launchers/ppo.py \\
         --config configs/toy_ppo.yaml experiment.total_steps=4
 
 Each child gets ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (read
