@@ -154,9 +154,12 @@ class PPOActor:
         fields = {"loss_mask": mask, "advantages": data["advantages"], "behaviour_logp": behav}
         gap = None
         if not on_policy:
-            old = data.get("prox_logprobs") or PPOActor.inference(  # actor_inf ran: reuse π_prox
-                ctx, dataclasses.replace(mfc, role="actor", outputs=("old_logp",)), data
-            )["old_logp"]
+            old = (
+                data.get("prox_logprobs")
+                or PPOActor.inference(  # actor_inf ran: reuse π_prox
+                    ctx, dataclasses.replace(mfc, role="actor", outputs=("old_logp",)), data
+                )["old_logp"]
+            )
             fields["old_logp"] = old
             gap = np.concatenate(
                 [np.abs(o - b)[k > 0] for o, b, k in zip(old, behav, mask, strict=True)]

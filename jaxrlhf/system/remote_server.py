@@ -122,19 +122,30 @@ class RemoteGenerationServer:
         handle = RequestHandle(rid)
         with self._lock:
             self._handles[rid] = handle
-            self._conn.send(("submit", rid, [int(t) for t in prompt_ids], params))
+            self._send(("submit", rid, [int(t) for t in prompt_ids], params))
         return handle
 
     def update_weights(self, params: Any, version: int, *, wait: bool = False) -> None:
         """Send a host copy of ``params``; the child applies it between decode chunks."""
         host = jax.device_get(params)
         with self._lock:
-            self._conn.send(("weights", host, version))
+            self._send(("weights", host, version))
         self._version = version
+
+    def _send(self, message: tuple) -> None:
+        """Send to the child; a dead child is one clear error, not a bare broken pipe."""
+        try:
+            self._conn.send(message)
+        except (BrokenPipeError, EOFError, OSError) as e:
+            self._process.join(1)
+            raise RuntimeError(
+                f"generation process {self.name!r} (pid {self._process.pid}) is gone "
+                f"(exit code {self._process.exitcode}); the run cannot continue"
+            ) from e
 
     def health(self) -> dict[str, Any]:
         with self._lock:
-            self._conn.send(("health",))
+            self._send(("health",))
             self._health_ready.wait_for(lambda: self._health or self._closed.is_set(), 30)
             return self._health.pop() if self._health else {"alive": False}
 
