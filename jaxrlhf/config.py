@@ -936,15 +936,19 @@ R = TypeVar("R")
 
 def main_guard(fn: Callable[P, R]) -> Callable[P, R]:
     """Decorate a launcher's ``main``: a ConfigError (or an unknown registry name picked in the
-    config) becomes one line on stderr and exit code 2, never a traceback."""
+    config) or a bad dataset (`DataError`) becomes one line on stderr and exit code 2, never a
+    traceback."""
 
     @functools.wraps(fn)
     def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        from jaxrlhf.data.readers import DataError  # lazily: config must not import the data stack
+
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, RegistryError) as err:
+        except (ConfigError, RegistryError, DataError) as err:
+            kind = "data" if isinstance(err, DataError) else "config"
             message = " ".join(str(err).split())
-            print(f"config error: {message}", file=sys.stderr)
+            print(f"{kind} error: {message}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return guarded

@@ -115,6 +115,12 @@ def test_launcher_errors_and_graph(tmp_path):
     assert bad.stderr.strip().splitlines() == [
         "config error: unknown config key 'actor.optimizer.lrr'; did you mean 'actor.optimizer.lr'?"
     ]
+    (tmp_path / "p.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n')
+    no_key = run("--config", str(ROOT / "configs" / "toy_ppo.yaml"), "data.train_path=p.jsonl")
+    assert no_key.returncode == 2, no_key.stderr
+    lines = no_key.stderr.strip().splitlines()  # the skipped-row warnings, then one error line
+    assert lines[-1] == "data error: p.jsonl: no usable prompts (1 rows read)."
+    assert "missing key 'prompt'" in no_key.stderr and "Traceback" not in no_key.stderr
     graph = run("--config", str(ROOT / "configs" / "toy_ppo.yaml"), *PPO_CRITIC, "--print-graph")
     assert graph.returncode == 0, graph.stderr
     assert "actor_gen" in graph.stdout and "critic_train" in graph.stdout

@@ -174,14 +174,16 @@ def finish() -> None:
 def guarded(fn: Callable[[], T]) -> T:
     """Run ``fn`` and handle its failure in a multi-process run.
 
-    A config error is the same on every process: re-raised at once (one line, exit 2). Any
+    A config or data error is the same on every process: re-raised at once (one line, exit 2). Any
     other exception may be the symptom of a dead peer (a failed collective), so the watchdog
     first gets its timeout to name one; then the traceback is printed and the process exits 1
     without JAX's shutdown barrier, which would wait for peers that are blocked on this one.
     """
+    from jaxrlhf.data.readers import DataError
+
     try:
         return fn()
-    except (ConfigError, RegistryError, KeyboardInterrupt):
+    except (ConfigError, RegistryError, DataError, KeyboardInterrupt):
         raise
     except Exception:
         heartbeat = _state["heartbeat"]
