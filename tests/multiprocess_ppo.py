@@ -40,9 +40,9 @@ def main() -> None:
     import jax
     import numpy as np
 
+    from jaxrlhf.hostio import fetch
     from jaxrlhf.system import mfcs
     from jaxrlhf.system.coordinator import PPOCoordinator
-    from jaxrlhf.system.hostio import fetch
 
     die = os.environ.get("JAXRLHF_TEST_DIE")
     if die:

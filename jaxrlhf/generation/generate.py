@@ -24,8 +24,8 @@ from jaxrlhf.generation.types import (
     stop_ids,
     validate_request,
 )
+from jaxrlhf.hostio import fetch
 from jaxrlhf.models.handle import ModelHandle
-from jaxrlhf.system.hostio import fetch
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_BUCKET = 16

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from jaxrlhf.generation.sampling import MODES, Mode, row_uniforms, sample_tokens
 from jaxrlhf.generation.types import MAX_STOP_TOKENS, SamplingParams
+from jaxrlhf.hostio import put
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.handle import param_shardings
 from jaxrlhf.models.kv_cache import (
@@ -37,7 +38,6 @@ from jaxrlhf.models.kv_cache import (
 )
 from jaxrlhf.models.sharding import logical_to_spec
 from jaxrlhf.models.transformer import Params
-from jaxrlhf.system.hostio import put
 
 KEY_WORDS = 2  # words of raw threefry key data per row
 NO_STOP = np.iinfo(np.int32).max  # stop-id padding: never a token, out of range for the ban

@@ -12,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxrlhf.hostio import put
 from jaxrlhf.interfaces.microbatch import Batch, Shapes, batch_shardings, check_batch
 from jaxrlhf.interfaces.packing import INDEX_KEYS, ROW_KEYS, PackedBatch
 from jaxrlhf.interfaces.state import ParamLayout
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.handle import param_shardings
 from jaxrlhf.models.transformer import Params
-from jaxrlhf.system.hostio import put
 
 MicroBatchFn = Callable[[Params, Batch], dict[str, jax.Array]]
 INPUT_KEYS = ROW_KEYS + INDEX_KEYS

@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from jaxrlhf.hostio import put
 from jaxrlhf.interfaces.packing import INDEX_KEYS, ROW_KEYS, PackedBatch
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.sharding import logical_to_spec
 from jaxrlhf.models.transformer import Params, hidden_states, token_logprobs, value_outputs
-from jaxrlhf.system.hostio import put
 
 Batch = dict[str, jax.Array]
 Shapes = tuple[tuple[str, tuple[int, ...]], ...]

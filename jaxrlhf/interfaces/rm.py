@@ -29,6 +29,7 @@ from numpy.typing import ArrayLike
 
 from jaxrlhf.algorithms import Denominators
 from jaxrlhf.config import OptimizerConfig
+from jaxrlhf.hostio import fetch
 from jaxrlhf.interfaces.inference import map_microbatches
 from jaxrlhf.interfaces.microbatch import (
     Batch,
@@ -47,7 +48,6 @@ from jaxrlhf.interfaces.train import accumulate_gradients, apply_gradients, batc
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.transformer import Params
 from jaxrlhf.optim import lr_schedule, make_optimizer
-from jaxrlhf.system.hostio import fetch
 
 Pairs = dict[str, jax.Array]  # chosen, rejected (int32 [P]), valid (float32 [P])
 

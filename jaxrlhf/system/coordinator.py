@@ -47,7 +47,7 @@ from jaxrlhf.system.rollout import generate_trajectories, reward_function
 # Metrics that depend on wall time; left out of the history compared across resumes.
 TIMING_PREFIXES = ("time/", "perf/")
 # Every process reads the whole global batch (the same host program on the same data); device
-# arrays built from it hold only each process's shards (`jaxrlhf.system.hostio.put`).
+# arrays built from it hold only each process's shards (`jaxrlhf.hostio.put`).
 GLOBAL_BATCH = {"process_index": 0, "process_count": 1}
 
 

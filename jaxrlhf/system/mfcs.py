@@ -22,6 +22,7 @@ from jaxrlhf.algorithms import ADVANTAGE_ESTIMATORS, kl, masked_whiten, scores_t
 from jaxrlhf.config import Config
 from jaxrlhf.dfg import MFC, MFC_INTERFACES
 from jaxrlhf.generation.sampler import Sampler
+from jaxrlhf.hostio import fetch
 from jaxrlhf.interfaces import (
     ActorLossSpec,
     CriticLossSpec,
@@ -39,7 +40,6 @@ from jaxrlhf.interfaces import (
 )
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.transformer import Params
-from jaxrlhf.system.hostio import fetch
 from jaxrlhf.system.rollout import Trajectories, generate_trajectories, score
 
 Data = dict[str, Any]
