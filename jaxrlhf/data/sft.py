@@ -127,6 +127,24 @@ def toy_pair_rows(split: Split, keys: tuple[str, str, str]) -> Iterator[RawRow]:
 # ----------------------------------------------------------------------------- reading rows
 
 
+def _open_rows(
+    cfg: Config,
+    tokenizer: Any,
+    split: Split,
+    columns: Sequence[Sequence[str]],
+    names: str,
+    toy: Any,
+) -> tuple[str, Iterator[RawRow], DataStats, _Check, _Tokens] | None:
+    """What a table loader needs: (name, rows, stats, bad-row check, tokenizer helper), or None
+    when there is no eval split."""
+    found = _source(cfg, split, columns, names, toy)
+    if found is None:
+        return None
+    name, rows = found
+    stats = DataStats(name)
+    return name, rows, stats, _Check(stats, cfg.data.strict, max_warnings=10), _Tokens(tokenizer)
+
+
 def _source(
     cfg: Config, split: Split, columns: Sequence[Sequence[str]], names: str, toy: Any
 ) -> tuple[str, Iterator[RawRow]] | None:
@@ -266,13 +284,11 @@ def load_sft_table(cfg: Config, tokenizer: Any, split: Split = "train") -> Examp
     keys = {"data.prompt_key": d.prompt_key, "sft.response_key": s.response_key}
     toy = lambda sp: toy_sft_rows(sp, (d.prompt_key, s.response_key))
     cols = ((d.prompt_key, s.response_key), (s.messages_key,))
-    found = _source(cfg, split, cols, "data.prompt_key / sft.response_key / sft.messages_key", toy)
-    if found is None:
+    names = "data.prompt_key / sft.response_key / sft.messages_key"
+    opened = _open_rows(cfg, tokenizer, split, cols, names, toy)
+    if opened is None:
         return None
-    name, rows = found
-    stats = DataStats(name)
-    check = _Check(stats, d.strict, max_warnings=10)
-    tokens = _Tokens(tokenizer)
+    name, rows, stats, check, tokens = opened
     examples: list[SFTExample] = []
     for row in rows:
         stats.rows_read += 1
@@ -324,13 +340,11 @@ def load_pair_table(cfg: Config, tokenizer: Any, split: Split = "train") -> Exam
     keys = {"rm.chosen_key": r.chosen_key, "rm.rejected_key": r.rejected_key}
     toy = lambda sp: toy_pair_rows(sp, (d.prompt_key, r.chosen_key, r.rejected_key))
     cols = ((d.prompt_key, r.chosen_key, r.rejected_key), (r.chosen_key, r.rejected_key))
-    found = _source(cfg, split, cols, "data.prompt_key / rm.chosen_key / rm.rejected_key", toy)
-    if found is None:
+    names = "data.prompt_key / rm.chosen_key / rm.rejected_key"
+    opened = _open_rows(cfg, tokenizer, split, cols, names, toy)
+    if opened is None:
         return None
-    name, rows = found
-    stats = DataStats(name)
-    check = _Check(stats, d.strict, max_warnings=10)
-    tokens = _Tokens(tokenizer)
+    name, rows, stats, check, tokens = opened
     examples: list[PairExample] = []
     for row in rows:
         stats.rows_read += 1

@@ -10,6 +10,7 @@ resume cursor is the step count; a checkpoint made on other data or batching is 
 
 from __future__ import annotations
 
+import abc
 import time
 from typing import Any
 
@@ -28,8 +29,8 @@ from jaxrlhf.models import MeshError, ModelHandle, build_model, make_mesh
 TIMING_PREFIXES = ("time/", "perf/")
 
 
-class SupervisedTrainer:
-    """Loop, evaluation, checkpoints, resume and export; subclasses fill in the steps."""
+class SupervisedTrainer(abc.ABC):
+    """Loop, evaluation, checkpoints, resume and export; subclasses fill in the abstract steps."""
 
     name = "supervised"
     value_head = False  # a reward model: trunk + scalar head, no LM head
@@ -59,28 +60,29 @@ class SupervisedTrainer:
 
     # ----------------------------------------------------------------------- subclass hooks
 
+    @abc.abstractmethod
     def load_tables(self) -> tuple[ExampleTable, ExampleTable | None]:
         """(train, eval or None) examples."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def train_on(self, examples: list[Any]) -> dict[str, Any]:
         """One optimizer step on ``examples``; updates ``self.state``; returns metrics, with
         ``seq_tokens`` (tokens the model ran on, for the throughput)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def evaluate(self) -> dict[str, float]:
         """``eval/*`` metrics on the eval examples (up to ``data.eval_size``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def export(self) -> str:
         """Write the trained model as an HF directory; returns its path."""
-        raise NotImplementedError
 
     # ----------------------------------------------------------------------- building
 
     @property
+    @abc.abstractmethod
     def max_seq_len(self) -> int:
-        raise NotImplementedError
+        """The longest prompt + response a row may have (``sft`` / ``rm.max_seq_len``)."""
 
     @property
     def row_len(self) -> int:
