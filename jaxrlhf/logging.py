@@ -116,6 +116,15 @@ def to_host_scalars(metrics: Mapping[str, Any]) -> dict[str, float | int]:
     return out
 
 
+# Metrics that depend on wall time: left out of the history that resumed runs compare.
+TIMING_PREFIXES = ("time/", "perf/")
+
+
+def history_entry(logged: Mapping[str, Any]) -> dict[str, Any]:
+    """A logged step's metrics without the timing ones (what a run's history keeps)."""
+    return {k: v for k, v in logged.items() if not k.startswith(TIMING_PREFIXES)}
+
+
 def _num(x: float) -> str:
     """Compact number: 3 significant digits, no exponent between 1e-3 and 1e4."""
     if not math.isfinite(x):

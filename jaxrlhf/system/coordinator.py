@@ -29,7 +29,7 @@ from jaxrlhf.interfaces import (
     pack_sequences,
 )
 from jaxrlhf.interfaces.packing import bucket_size
-from jaxrlhf.logging import MetricsLogger
+from jaxrlhf.logging import MetricsLogger, history_entry
 from jaxrlhf.models import (
     MeshError,
     ModelHandle,
@@ -44,8 +44,6 @@ from jaxrlhf.system.mfcs import Models, StepContext
 from jaxrlhf.system.reward_model import load_reward_model
 from jaxrlhf.system.rollout import generate_trajectories, reward_function
 
-# Metrics that depend on wall time; left out of the history compared across resumes.
-TIMING_PREFIXES = ("time/", "perf/")
 # Every process reads the whole global batch (the same host program on the same data); device
 # arrays built from it hold only each process's shards (`jaxrlhf.hostio.put`).
 GLOBAL_BATCH = {"process_index": 0, "process_count": 1}
@@ -343,8 +341,7 @@ class PPOCoordinator:
                 self.eval_history.append(ev | {"step": self.step})
                 metrics |= ev
             logged = self.logger.log(self.step, metrics)
-            self.history.append({k: v for k, v in logged.items()
-                                 if not k.startswith(TIMING_PREFIXES)})  # fmt: skip
+            self.history.append(history_entry(logged))
             if distributed.decide(self.checkpointer.should_save(self.step, total)):
                 self.save()
         self.checkpointer.close()

@@ -23,10 +23,8 @@ from jaxrlhf.data.pipeline import load_tokenizer
 from jaxrlhf.data.sft import ExampleTable, index_batch
 from jaxrlhf.interfaces import TrainState, init_train_state
 from jaxrlhf.interfaces.packing import bucket_size
-from jaxrlhf.logging import MetricsLogger
+from jaxrlhf.logging import MetricsLogger, history_entry
 from jaxrlhf.models import MeshError, ModelHandle, build_model, make_mesh
-
-TIMING_PREFIXES = ("time/", "perf/")
 
 
 class SupervisedTrainer(abc.ABC):
@@ -189,8 +187,7 @@ class SupervisedTrainer(abc.ABC):
                 self.eval_history.append(ev | {"step": self.step})
                 metrics |= ev
             logged = self.logger.log(self.step, metrics)
-            self.history.append({k: v for k, v in logged.items()
-                                 if not k.startswith(TIMING_PREFIXES)})  # fmt: skip
+            self.history.append(history_entry(logged))
             if self.checkpointer.should_save(self.step, self.total):
                 ranked = {k: v for k, v in metrics.items() if k.startswith("eval/")}
                 self.save({k: float(np.asarray(v)) for k, v in ranked.items()} or None)
