@@ -302,7 +302,7 @@ def calibrate(a: argparse.Namespace) -> dict:
                               train_token_s=2 * train_token_s)  # fmt: skip
     cpu = argparse.Namespace(**{**vars(a), "batch": 16, "group": 8, "prompt_len": 8,
                                 "median_len": a.cpu_median_len, "len_sigma": a.cpu_len_sigma,
-                                "max_len": 256, "slots": 128})  # fmt: skip
+                                "max_len": 256, "slots": 128, "eta": 2})  # fmt: skip
     sync = simulate_sync(both, 1, cpu)
     asy = simulate_async(one, 1, 1, cpu)
     return {
@@ -336,8 +336,9 @@ def main() -> None:
     ap.add_argument("--mfu", type=float, default=0.35)
     ap.add_argument("--step-overhead-ms", type=float, default=2.0)
     ap.add_argument("--calibrate", action="store_true", help="measure here and project the CPU")
-    ap.add_argument("--cpu-median-len", type=float, default=6.0)
-    ap.add_argument("--cpu-len-sigma", type=float, default=1.0)
+    # The CPU benchmark's lengths (async_vs_sync.py defaults): median 27, p90 124, cap 256.
+    ap.add_argument("--cpu-median-len", type=float, default=27.0)
+    ap.add_argument("--cpu-len-sigma", type=float, default=1.2)
     a = ap.parse_args()
     result: dict = {"eta": a.eta, "areal_max_speedup": AREAL_MAX_SPEEDUP, "projections": {}}
     for model in MODELS:

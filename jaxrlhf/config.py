@@ -236,6 +236,7 @@ class GenerationConfig:
     stop_token_ids: tuple[int, ...] = _field((), ge=0)  # besides the tokenizer's EOS
     max_concurrent: int = _field(64, ge=1)  # decode slots of one generation server
     decode_chunk: int = _field(16, ge=1)  # decode steps per call; weight updates land between
+    prefill_rows: int = _field(16, ge=1)  # rows per prefill call of the server (fixed shape)
 
 
 @dataclass(frozen=True)

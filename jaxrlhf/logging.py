@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -481,3 +482,30 @@ def _series(
         return np.array([np.nan if v is None else v for v in vals], dtype=np.float64)
 
     return np.array([r["step"] for r in rows], dtype=np.int64), col(key), col(std_key)
+
+
+_COMPILE_EVENT = "/jax/core/compile/"  # jaxpr tracing, MLIR lowering and backend compilation
+_compile_totals = {"seconds": 0.0, "count": 0}
+_compile_lock = threading.Lock()
+_compile_listening = False
+
+
+def _on_compile_event(event: str, seconds: float, **_: Any) -> None:
+    if event.startswith(_COMPILE_EVENT):
+        with _compile_lock:
+            _compile_totals["seconds"] += seconds
+            _compile_totals["count"] += event.endswith("backend_compile_duration")
+
+
+def compile_totals() -> dict[str, float]:
+    """This process's cumulative compilation so far: ``seconds`` (tracing, lowering and XLA
+    compilation) and ``count`` (XLA compilations). Callers take differences, e.g. per step to
+    see recompiles (``perf/compile_s``)."""
+    global _compile_listening
+    if not _compile_listening:
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(_on_compile_event)
+        _compile_listening = True
+    with _compile_lock:
+        return dict(_compile_totals)

@@ -122,6 +122,31 @@ def test_weight_update_mid_request(model, other_params, temperature):
     assert np.abs(out.logprobs[~v0] - old[~v0]).max() > 1e-2  # the versions really differ
 
 
+def test_prefill_in_fixed_row_chunks(model, other_params):
+    """Prefill in calls of 1 or 3 rows (fewer than the contexts waiting, of mixed lengths, with
+    sampled groups sharing a row, and every in-flight sequence re-prefilled after a weight
+    update) gives the same tokens and log-probs as one call of all rows."""
+    prompts, news = _requests(3, 6)
+    params = [SamplingParams(max_new_tokens=k, temperature=1.0, seed=7, n=2) for k in news]
+    outs = {}
+    for rows in (1, 3, SLOTS):
+        server = _server(model, prefill_rows=rows)
+        assert server.prefill_rows == rows
+        handles = [server.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        server.step()
+        server.update_weights(other_params, version=1)  # re-prefills the in-flight rows
+        server.run_until_idle()
+        outs[rows] = [c for h in handles for c in h.result().completions]
+    for rows in (1, 3):
+        for got, want in zip(outs[rows], outs[SLOTS], strict=True):
+            np.testing.assert_array_equal(got.tokens, want.tokens)
+            np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+            np.testing.assert_array_equal(got.versions, want.versions)
+    assert any(1 in c.versions and 0 in c.versions for c in outs[SLOTS])  # spans the update
+    with pytest.raises(ValueError, match="prefill_rows=0"):
+        _server(model, prefill_rows=0)
+
+
 def test_bad_requests_get_errors_and_server_keeps_serving(model):
     server = _server(model)
     ok = SamplingParams(max_new_tokens=5)

@@ -291,3 +291,16 @@ def test_plot_metrics_with_missing_panels(tmp_path: Path) -> None:
     path.write_text('{"step": 1, "reward/mean": 0.1}\n{"step": 2, "reward/mean": null}\n')
     png = plot_metrics(path, tmp_path / "m.png")
     assert png.stat().st_size > 5_000
+
+
+def test_compile_totals_count_new_shapes_only() -> None:
+    """A jitted function compiles once per new shape; a cached call adds nothing."""
+    f = jax.jit(lambda x: jnp.tanh(x) * 3.0 + 1.0)
+    before = jlog.compile_totals()
+    f(jnp.ones((7, 5))).block_until_ready()
+    first = jlog.compile_totals()
+    assert first["count"] >= before["count"] + 1 and first["seconds"] > before["seconds"]
+    f(jnp.ones((7, 5))).block_until_ready()  # cached: no compilation
+    assert jlog.compile_totals() == first
+    f(jnp.ones((9, 5))).block_until_ready()  # a new shape compiles again
+    assert jlog.compile_totals()["count"] >= first["count"] + 1

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxrlhf.interfaces import (
+    ShapeFloors,
     bucket_size,
     pack_sequences,
     sequences_from_padded,
@@ -107,6 +108,39 @@ def test_padded_mode_buckets_and_floors():
         _seqs(lengths), max_tokens_per_mb=7, bucket_lengths=None, bucket_counts=None
     )
     assert exact.arrays["input_ids"].shape == (4, 1, 6)
+
+
+def test_shape_floors_only_grow_and_keep_contents():
+    """Batches packed under `ShapeFloors` take the high-water shape of their size, so a run meets
+    few shapes; the padded batch holds exactly the same sequences (an unfloored pack compared)."""
+    rng = np.random.default_rng(0)
+    floors = ShapeFloors()
+    shapes, plain_shapes, high = [], [], None
+    for step in range(30):
+        n = 12 if step % 3 else 5  # two batch sizes keep separate floors
+        lengths = np.minimum(rng.pareto(1.2, n).astype(int) + 2, 40)  # heavy tail
+        ids = _seqs(lengths, step)
+        adv = [rng.normal(size=k).astype(np.float32) for k in lengths]
+        plain = pack_sequences(ids, {"adv": adv}, max_tokens_per_mb=64, row_len=48)
+        packed = pack_sequences(
+            ids, {"adv": adv}, max_tokens_per_mb=64, row_len=48, **floors.floors(n)
+        )
+        floors.update(n, packed)
+        got = (*packed.arrays["input_ids"].shape, *packed.arrays["token_index"].shape[1:])
+        want = (*plain.arrays["input_ids"].shape, *plain.arrays["token_index"].shape[1:])
+        assert all(g >= w for g, w in zip(got, want, strict=True))
+        if n == 12:
+            if high is not None:  # M, R, L, S, T never shrink for one batch size
+                assert all(g >= h for g, h in zip(got, high, strict=True))
+            high = got
+            shapes.append(got)
+            plain_shapes.append(want)
+        for a, b in zip(unpack(packed, packed.arrays["adv"]), adv, strict=True):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(unpack_scalars(packed, packed.arrays["seq_lens"]), lengths)
+    # The plain packs of size 12 met more distinct shapes than the floored ones.
+    assert len(set(shapes)) <= 4 < len(set(plain_shapes))
+    assert floors.floors(5) != floors.floors(12)
 
 
 def test_sequences_from_padded_left_and_right():

@@ -14,7 +14,8 @@ weights that produced it. Without ``recompute_kv`` the stale cache is kept (chea
 All device work happens in `step`, run by a background thread (``threaded=True``) or by the
 caller (``threaded=False``, deterministic: tests drive it with `step` / `run_until_idle`).
 Public methods are thread-safe. Shapes are fixed: one cache of ``max_slots x max_seq_len``, one
-decode chunk per sampling mode, prefills bucketed to powers of two in rows and length.
+decode chunk per sampling mode, prefills in calls of ``prefill_rows`` rows, bucketed to powers
+of two in length.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from jaxrlhf.generation.types import (
     stop_ids,
     validate_request,
 )
+from jaxrlhf.logging import compile_totals
 from jaxrlhf.models.handle import ModelHandle
 from jaxrlhf.models.transformer import Params
 
@@ -120,6 +122,7 @@ class GenerationServer:
         max_slots: int = 64,
         max_seq_len: int = 2048,
         decode_chunk: int = 16,
+        prefill_rows: int = 16,
         version: int = 0,
         eos_token_id: int | tuple[int, ...] | None = None,
         recompute_kv: bool = True,
@@ -127,11 +130,13 @@ class GenerationServer:
         seed: int = 0,
         name: str = "server",
     ):
-        if max_slots < 1 or max_seq_len < 2 or decode_chunk < 1:
+        if max_slots < 1 or max_seq_len < 2 or decode_chunk < 1 or prefill_rows < 1:
             raise ValueError(
-                f"max_slots={max_slots}, max_seq_len={max_seq_len}, decode_chunk={decode_chunk}: "
-                "expected max_slots >= 1, max_seq_len >= 2 and decode_chunk >= 1."
+                f"max_slots={max_slots}, max_seq_len={max_seq_len}, decode_chunk={decode_chunk}, "
+                f"prefill_rows={prefill_rows}: expected max_slots >= 1, max_seq_len >= 2, "
+                "decode_chunk >= 1 and prefill_rows >= 1."
             )
+        self.prefill_rows = min(prefill_rows, max_slots)
         self.name = name
         self.config = model.config
         self.max_slots, self.max_seq_len, self.decode_chunk = max_slots, max_seq_len, decode_chunk
@@ -277,6 +282,7 @@ class GenerationServer:
                 "rejected": self._stats["rejected"],
                 "tokens_generated": self._stats["tokens"],
                 "chunks": self._stats["chunks"],
+                "compile_s": compile_totals()["seconds"],  # this process's, cumulative
                 "last_error": self._last_error,
             }
 
@@ -382,11 +388,21 @@ class GenerationServer:
             # Samples of one request with nothing generated yet share a prefill row.
             group = seq.request if not seq.tokens else seq
             src[seq.slot] = contexts.setdefault(group, len(contexts))
-        keys = list(contexts)
-        context = [k.prompt if isinstance(k, _Request) else k.context for k in keys]
-        t = bucket(max(len(c) for c in context) - 1, MIN_PROMPT_BUCKET, self.max_seq_len)
-        ids, lengths = left_aligned(context, bucket(len(context)), t)
-        self._cache = self._sampler.prefill(self._cache, ids, lengths, src)
+        context = [k.prompt if isinstance(k, _Request) else k.context for k in contexts]
+        # Fixed-size calls of `prefill_rows` rows, shortest contexts first: each call's length
+        # is bucketed, so prefill compiles once per length bucket (not per rows x length pair,
+        # which re-prefills of in-flight sequences after weight updates kept meeting anew).
+        order = np.argsort([len(c) for c in context], kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        row_of = np.where(src >= 0, rank[np.maximum(src, 0)], -1)
+        n = self.prefill_rows
+        for first in range(0, len(order), n):
+            chunk = [context[i] for i in order[first : first + n]]
+            t = bucket(max(len(c) for c in chunk) - 1, MIN_PROMPT_BUCKET, self.max_seq_len)
+            ids, lengths = left_aligned(chunk, n, t)
+            chunk_src = np.where((row_of >= first) & (row_of < first + n), row_of - first, -1)
+            self._cache = self._sampler.prefill(self._cache, ids, lengths, chunk_src)
         for seq in todo:
             request = seq.request
             set_row(

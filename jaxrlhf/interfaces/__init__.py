@@ -6,7 +6,8 @@
 - inference: `compute_logprobs` (reference / proximal log-probs), `compute_values`,
   `compute_scores` (reward model);
 - data layout: `pack_sequences` (first-fit-decreasing packing into fixed-shape micro-batches)
-  and `unpack` / `unpack_scalars` to get per-sequence results back.
+  and `unpack` / `unpack_scalars` to get per-sequence results back; `ShapeFloors` keeps a run's
+  packed shapes (and so its compiled steps) steady.
 
 Compiled steps are cached per (config, mesh, batch shape); bucketed shapes keep their number
 small. Per-token arrays are token-aligned: entry t scores token t from position t − 1.
@@ -31,6 +32,7 @@ from jaxrlhf.interfaces.critic import (
 from jaxrlhf.interfaces.microbatch import batch_shardings, put_batch
 from jaxrlhf.interfaces.packing import (
     PackedBatch,
+    ShapeFloors,
     bucket_size,
     pack_sequences,
     sequences_from_padded,
@@ -47,6 +49,7 @@ __all__ = [
     "CriticLossSpec",
     "PackedBatch",
     "ParamLayout",
+    "ShapeFloors",
     "TrainState",
     "accumulate_gradients",
     "actor_microbatch_loss",

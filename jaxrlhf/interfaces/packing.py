@@ -132,6 +132,8 @@ def pack_sequences(
     rows_multiple: int = 1,
     min_microbatches: int = 1,
     min_slots: int = 1,
+    min_rows: int = 1,
+    min_grid_len: int = 1,
     pack: bool = True,
     bucket_lengths: Callable[[int], int] | None = bucket_size,
     bucket_counts: Callable[[int], int] | None = power_of_two,
@@ -145,8 +147,9 @@ def pack_sequences(
     ``rows_multiple`` (set it to the number of batch shards, data × fsdp, so rows shard evenly);
     when the whole batch fits in fewer rows, R is the rows used, bucketed by ``bucket_counts``
     and rounded up to a multiple of ``rows_multiple``.
-    ``min_microbatches`` / ``min_slots`` are floors on M and S (fix them to keep shapes, and so
-    compiled steps, steady across batches). ``pack=False`` puts one sequence per row (the
+    ``min_microbatches`` / ``min_slots`` / ``min_rows`` / ``min_grid_len`` are floors on M, S, R
+    (up to the budget's rows) and T (up to L): fix them to keep shapes, and so compiled steps,
+    steady across batches (`ShapeFloors` keeps them). ``pack=False`` puts one sequence per row (the
     padded layout). ``bucket_lengths`` rounds the default row length up, ``bucket_counts`` the
     micro-batch count M and slots S (None: exact sizes). Raises ValueError naming the bad
     sequence or field.
@@ -159,6 +162,8 @@ def pack_sequences(
         rows_multiple=rows_multiple,
         min_microbatches=min_microbatches,
         min_slots=min_slots,
+        min_rows=min_rows,
+        min_grid_len=min_grid_len,
     )
     for name, size in sizes.items():
         if size < 1:
@@ -204,10 +209,10 @@ def pack_sequences(
     # A batch smaller than one budget gets only the (bucketed) rows it uses, not the budget's:
     # padding rows would cost compute like real ones.
     used = round_count(max(len(rows) for rows in mbs))
-    R = min(R, -(-used // rows_multiple) * rows_multiple)
+    R = min(R, -(-max(used, min_rows) // rows_multiple) * rows_multiple)
     M = round_count(max(len(mbs), min_microbatches))
     S = round_count(max(min_slots, *(sum(len(row) for row in rows) for rows in mbs)))
-    T = min(L, seq_len)
+    T = min(L, max(seq_len, min_grid_len))
 
     rows = {k: np.zeros((M, R, L), np.int32) for k in ROW_KEYS}
     token_index = np.zeros((M, S, T), np.int32)
@@ -233,6 +238,34 @@ def pack_sequences(
                 slot += 1
     arrays = {**rows, "token_index": token_index, "seq_lens": seq_lens, **grid}
     return PackedBatch(arrays=arrays, seq_index=seq_index)
+
+
+class ShapeFloors:
+    """High-water marks of packed shapes, so that a run compiles each step a few times, not once
+    per new batch shape.
+
+    With heavy-tailed lengths, bucketing alone still meets new (M, R, S, T) combinations for
+    many steps, each a recompile of the train / inference steps (seconds each on CPU). Packing
+    with `floors` pads every batch to the largest M, R, S and T seen so far for the same number
+    of sequences; `update` raises them. Each dimension only grows, through its few buckets, so
+    the compiled shapes settle early. Padding is cheap: empty micro-batches are skipped on the
+    device, and empty slots and rows are masked out.
+    """
+
+    def __init__(self) -> None:
+        self._floors: dict[int, dict[str, int]] = {}
+
+    def floors(self, num_sequences: int) -> dict[str, int]:
+        """The ``min_*`` keyword arguments of `pack_sequences` for a batch of this size."""
+        return dict(self._floors.get(num_sequences, {}))
+
+    def update(self, num_sequences: int, packed: PackedBatch) -> None:
+        M, R, _ = packed.arrays["input_ids"].shape
+        _, S, T = packed.arrays["token_index"].shape
+        seen = {"min_microbatches": M, "min_rows": R, "min_slots": S, "min_grid_len": T}
+        old = self._floors.setdefault(num_sequences, seen)
+        for k, v in seen.items():
+            old[k] = max(old[k], v)
 
 
 def unpack(packed: PackedBatch, grid_mst: ArrayLike) -> list[np.ndarray]:

@@ -25,11 +25,10 @@ import jax
 
 from jaxrlhf.config import Config, ConfigError
 from jaxrlhf.generation.server import GenerationServer
-from jaxrlhf.logging import MetricsLogger
+from jaxrlhf.logging import MetricsLogger, compile_totals
 from jaxrlhf.models import ModelHandle, make_mesh
 from jaxrlhf.system.async_rollout import RolloutProducer, concat_trajectories
 from jaxrlhf.system.coordinator import PPOCoordinator
-from jaxrlhf.system.mfcs import StepContext
 from jaxrlhf.system.staleness import staleness_histogram
 from jaxrlhf.system.trajectory_queue import TrajectoryQueue
 
@@ -123,6 +122,7 @@ class AsyncPPOCoordinator(PPOCoordinator):
         max_seq_len = cfg.data.max_prompt_len + gen.max_new_tokens
         kwargs = dict(
             max_slots=gen.max_concurrent, max_seq_len=max_seq_len, decode_chunk=gen.decode_chunk,
+            prefill_rows=gen.prefill_rows,
             version=self.version, eos_token_id=self.tokenizer.eos_token_id,
             seed=cfg.experiment.seed, name="async-gen",
         )  # fmt: skip
@@ -171,6 +171,7 @@ class AsyncPPOCoordinator(PPOCoordinator):
         self.start()
         self.step += 1
         start = time.perf_counter()
+        compiled = compile_totals()["seconds"]
         try:
             taken = self.buffer.take_batch()
         except Exception:
@@ -179,11 +180,7 @@ class AsyncPPOCoordinator(PPOCoordinator):
             raise
         waited = time.perf_counter() - start
         traj = concat_trajectories([item for _, item, _ in taken])
-        ctx = StepContext(
-            cfg=self.cfg, mesh=self.mesh, models=self.models, sampler=self.sampler,
-            tokenizer=self.tokenizer, reward_fn=self.reward_fn, step=self.step,
-            version=self.version, updates_per_run=self.updates_per_run,
-        )  # fmt: skip
+        ctx = self.step_context()
         data: dict[str, Any] = {
             "trajectories": traj,
             "answers": traj.answers,
@@ -209,6 +206,7 @@ class AsyncPPOCoordinator(PPOCoordinator):
         self.consumed_uids = [uid for uid, _, _ in taken]
         self.consumed_min_versions = [v for _, _, v in taken]
         ctx.metrics |= self._async_metrics(traj, taken, start, waited)
+        ctx.metrics["perf/compile_s"] = compile_totals()["seconds"] - compiled
         return ctx.metrics
 
     def _async_metrics(self, traj, taken, start: float, waited: float) -> dict[str, float]:

@@ -28,8 +28,8 @@ from jaxrlhf.interfaces import (
     init_train_state,
     pack_sequences,
 )
-from jaxrlhf.interfaces.packing import bucket_size
-from jaxrlhf.logging import MetricsLogger, history_entry
+from jaxrlhf.interfaces.packing import ShapeFloors, bucket_size
+from jaxrlhf.logging import MetricsLogger, compile_totals, history_entry
 from jaxrlhf.models import (
     MeshError,
     ModelHandle,
@@ -98,6 +98,8 @@ class PPOCoordinator:
         self.logger = logger or MetricsLogger.from_config(cfg, is_main=distributed.is_main())
         self.step = 0
         self.version = 0
+        self.shape_floors = ShapeFloors()  # packed shapes only grow: few recompiles per run
+        self.last_trajectories = None  # the batch the last step trained on
         self.history: list[dict[str, float]] = []
         self.eval_history: list[dict[str, float]] = []
 
@@ -268,15 +270,21 @@ class PPOCoordinator:
             "eval/prompts": len(scores),
         }
 
+    def step_context(self) -> StepContext:
+        """What this step's MFC implementations see."""
+        return StepContext(
+            cfg=self.cfg, mesh=self.mesh, models=self.models, sampler=self.sampler,
+            tokenizer=self.tokenizer, reward_fn=self.reward_fn, step=self.step,
+            version=self.version, updates_per_run=self.updates_per_run,
+            shape_floors=self.shape_floors,
+        )  # fmt: skip
+
     def train_step(self) -> dict[str, Any]:
         """One RL step: run every MFC of the graph, then sync weights to the sampler."""
         self.step += 1
         start = time.perf_counter()
-        ctx = StepContext(
-            cfg=self.cfg, mesh=self.mesh, models=self.models, sampler=self.sampler,
-            tokenizer=self.tokenizer, reward_fn=self.reward_fn, step=self.step,
-            version=self.version, updates_per_run=self.updates_per_run,
-        )  # fmt: skip
+        compiled = compile_totals()["seconds"]
+        ctx = self.step_context()
         data: dict[str, Any] = {"prompt_batch": next(self.data_iter)}
         distributed.check_same(data["prompt_batch"].sample_ids_b, "the step's prompt batch")
         data["prompt_ids"] = data["prompt_batch"].input_ids_bt
@@ -290,11 +298,12 @@ class PPOCoordinator:
         self.sampler.params = self.sampler.convert(self.models.actor.params)
         self.version += 1
         seconds = time.perf_counter() - start
-        traj = data["trajectories"]
+        traj = self.last_trajectories = data["trajectories"]
         tokens = int(sum(len(x) for x in traj.input_ids))
         ctx.metrics |= {
             "perf/tokens_per_s": tokens / seconds,
             "perf/step_s": seconds,
+            "perf/compile_s": compile_totals()["seconds"] - compiled,
             "policy/version": self.version,
         }
         return ctx.metrics

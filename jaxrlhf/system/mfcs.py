@@ -27,6 +27,7 @@ from jaxrlhf.interfaces import (
     ActorLossSpec,
     CriticLossSpec,
     PackedBatch,
+    ShapeFloors,
     TrainState,
     actor_train,
     bucket_size,
@@ -72,6 +73,7 @@ class StepContext:
     step: int  # 1-based RL step
     version: int  # policy version that generates this step's samples
     updates_per_run: int  # optimizer updates over the whole run (the lr schedule horizon)
+    shape_floors: ShapeFloors | None = None  # the run's packed-shape high-water marks
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -85,16 +87,30 @@ class StepContext:
 
     def pack(self, data: Data, fields: dict[str, list[np.ndarray]], max_tokens: int,
              index: np.ndarray | None = None) -> PackedBatch:  # fmt: skip
-        """Pack samples (all, or ``index``) into fixed-width micro-batches of ``max_tokens``."""
+        """Pack samples (all, or ``index``) into fixed-width micro-batches of ``max_tokens``,
+        padded up to the run's `ShapeFloors` (which this batch may raise)."""
         select = (lambda xs: xs) if index is None else (lambda xs: [xs[i] for i in index])
         width = bucket_size(self.cfg.data.max_prompt_len + self.cfg.generation.max_new_tokens)
-        return pack_sequences(
-            select(data["input_ids"]),
+        seqs = select(data["input_ids"])
+        budget = max(max_tokens, width)
+        floors = {}
+        if self.shape_floors is not None:
+            # The grid starts at its largest (T = L): it only holds per-token fields, so its
+            # padding costs little, and one long response would soon reach it anyway. Rows cost
+            # model compute even when empty, so R grows with the batches, as M and S do.
+            floors = {"min_grid_len": width}
+            floors |= self.shape_floors.floors(len(seqs))
+        packed = pack_sequences(
+            seqs,
             {k: select(v) for k, v in fields.items()},
-            max_tokens_per_mb=max(max_tokens, width),
+            max_tokens_per_mb=budget,
             row_len=width,
             rows_multiple=self.batch_shards,
+            **floors,
         )
+        if self.shape_floors is not None:
+            self.shape_floors.update(len(seqs), packed)
+        return packed
 
 
 def _unpacked(packed: PackedBatch, grid: jax.Array) -> list[np.ndarray]:
