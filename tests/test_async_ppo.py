@@ -202,3 +202,49 @@ def test_allocation_errors(tmp_path):
     with pytest.raises(ConfigError, match="fused"):
         _config(tmp_path, "experiment.mode=async", "async_ppo.proximal=fused",
                 "algorithm.ppo_epochs=2")  # fmt: skip
+
+
+def test_resume_regenerates_in_flight_groups_and_keeps_the_capacity_rule(tmp_path):
+    """Save mid-run (groups still generating or buffered), resume in a new coordinator: the
+    groups not yet trained on are generated again from the same prompts, none is trained twice
+    or skipped, staleness stays within η after the resume (the producer does not flood), and
+    every trained group holds the prompt of its place in the data order."""
+    eta, first, second = 1, 3, 4
+    cfg = _config(tmp_path, "experiment.mode=async", f"experiment.max_head_offpolicyness={eta}",
+                  "async_ppo.allocation=gen=2,train=2", "async_ppo.proximal=fused")  # fmt: skip
+    B = cfg.data.batch_size
+    prompts: dict[int, str] = {}  # group id -> prompt text of the trained group
+
+    def train(coord, steps):
+        for _ in range(steps):
+            metrics = coord.train_step()
+            assert metrics["async/staleness_max"] <= eta
+            traj = coord.last_trajectories
+            for j, gid in enumerate(coord.consumed_gids):
+                assert gid not in prompts, f"group {gid} trained twice"
+                prompts[gid] = traj.prompts[j * traj.group_size]
+
+    coord = AsyncPPOCoordinator(cfg)
+    try:
+        train(coord, first)
+        time.sleep(0.5)  # let the producer run ahead: groups in flight and buffered at the save
+        ahead = coord.buffer.stats()["async/submitted"] - first * B
+        coord.save()
+        coord.checkpointer.wait()
+    finally:
+        coord.close()
+    assert ahead > 0  # the save really dropped in-flight work from this process
+    resumed = AsyncPPOCoordinator(cfg)
+    try:
+        assert (resumed.step, resumed.version) == (first, first)
+        train(resumed, second)
+    finally:
+        resumed.close()
+    trained = sorted(prompts)
+    assert len(trained) == (first + second) * B
+    watermark = next(g for g in range(len(trained) + 1) if g not in prompts)
+    assert watermark > (first + second - eta - 1) * B  # holes only in the last rounds
+    # The prompt order of the data: group g is row g % B of prompt batch g // B.
+    it = resumed.train_pipe.iterator()
+    order = [p for _ in range(max(trained) // B + 1) for p in next(it).prompts]
+    assert all(prompts[g] == order[g] for g in trained)

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import time
@@ -23,6 +24,7 @@ from typing import Any
 
 import jax
 
+from jaxrlhf.checkpoint import HostState
 from jaxrlhf.config import Config, ConfigError
 from jaxrlhf.generation.server import GenerationServer
 from jaxrlhf.logging import MetricsLogger, compile_totals
@@ -109,6 +111,17 @@ class AsyncPPOCoordinator(PPOCoordinator):
         self._eval_version = self.version
         self._last: dict[str, float] | None = None
         self._data_lock = threading.Lock()  # the producer reads data_iter, `save` its cursor
+        # Exactly-once over a resume: groups are numbered in data order (see async_rollout);
+        # every group below `_watermark` has been trained on, and so have those in
+        # `_consumed_above`. A checkpoint stores both and the data position of the watermark's
+        # prompt batch, so a resumed run regenerates the groups that were in flight or
+        # buffered at the save instead of dropping them.
+        saved = self.restored_extra.get("async", {})
+        self._watermark = int(saved.get("watermark", 0))
+        self._consumed_above = {int(g) for g in saved.get("consumed", [])}
+        self._batches_read = self._watermark // cfg.data.batch_size
+        self._batch_states: dict[int, dict] = {}  # prompt batch index -> data state before it
+        self.consumed_gids: list[int] = []
         self._skip = {"actor_gen"}
         if cfg.async_ppo.proximal == "fused":
             self._skip.add("actor_inf")
@@ -140,6 +153,8 @@ class AsyncPPOCoordinator(PPOCoordinator):
 
     def _next_prompts(self):
         with self._data_lock:
+            self._batch_states[self._batches_read] = self.data_iter.get_state()
+            self._batches_read += 1
             return next(self.data_iter)
 
     def start(self) -> None:
@@ -148,7 +163,8 @@ class AsyncPPOCoordinator(PPOCoordinator):
             self.producer = RolloutProducer(
                 self.server, self.buffer, self._next_prompts, self.tokenizer,
                 self.cfg.generation, seed=self.cfg.experiment.seed,
-                batch_size=self.cfg.data.batch_size, first_step=self.step,
+                batch_size=self.cfg.data.batch_size, first_gid=self._watermark,
+                skip=self._consumed_above,
             ).start()  # fmt: skip
 
     def close(self) -> None:
@@ -205,6 +221,8 @@ class AsyncPPOCoordinator(PPOCoordinator):
         self.last_trajectories = traj
         self.consumed_uids = [uid for uid, _, _ in taken]
         self.consumed_min_versions = [v for _, _, v in taken]
+        if self.producer is not None:
+            self._mark_consumed([self.producer.gid_of.pop(uid) for uid in self.consumed_uids])
         ctx.metrics |= self._async_metrics(traj, taken, start, waited)
         ctx.metrics["perf/compile_s"] = compile_totals()["seconds"] - compiled
         return ctx.metrics
@@ -231,6 +249,30 @@ class AsyncPPOCoordinator(PPOCoordinator):
         metrics |= self.buffer.stats()
         self._last = {"t": now, **counters} if counters else None
         return metrics
+
+    def _mark_consumed(self, gids: list[int]) -> None:
+        self.consumed_gids = gids
+        with self._data_lock:
+            self._consumed_above.update(gids)
+            while self._watermark in self._consumed_above:
+                self._consumed_above.discard(self._watermark)
+                self._watermark += 1
+
+    def host_state(self) -> HostState:
+        """As sync, but the data position is that of the first prompt batch with a group not
+        yet trained on (the producer reads ahead), plus which later groups were trained on."""
+        host = super().host_state()
+        batch = self._watermark // self.cfg.data.batch_size
+        for k in [k for k in self._batch_states if k < batch]:
+            del self._batch_states[k]
+        state = self._batch_states.get(batch)
+        if state is None:  # the producer has not read that batch yet: the current position
+            assert batch == self._batches_read, (batch, self._batches_read)
+            state = host.data_state
+        extra = host.extra | {
+            "async": {"watermark": self._watermark, "consumed": sorted(self._consumed_above)}
+        }
+        return dataclasses.replace(host, data_state=state, extra=extra)
 
     def save(self) -> None:
         with self._data_lock:

@@ -5,15 +5,17 @@ prompt group to a generation server (`GenerationServer` or its process-backed tw
 at once; the server's completion callback turns the group into `Trajectories` and puts it in the
 buffer. So generation runs continuously and never waits for the trainer, except when η says so.
 
-Seeds follow the sync path: group ``i`` of prompt batch ``k`` (0-based) draws the keys sync step
-``k + 1`` would, so η = 0 reproduces the synchronous run.
+Groups are numbered in data order: group id ``g`` is row ``g % B`` of prompt batch ``g // B``
+(0-based over the run). Seeds follow the sync path: group ``i`` of prompt batch ``k`` draws the
+keys sync step ``k + 1`` would, so η = 0 reproduces the synchronous run. A resumed producer
+starts at the first group not yet trained on and skips the later ones that were (``skip``).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -90,13 +92,17 @@ class RolloutProducer:
         *,
         seed: int,
         batch_size: int,
-        first_step: int = 0,
+        first_gid: int = 0,
+        skip: Iterable[int] = (),
     ) -> None:
         self.server, self.buffer, self.tokenizer = server, buffer, tokenizer
         self._next_batch = next_batch
         self._params = SamplingParams.from_config(gen)
-        self._seed, self._batch_size, self._first_step = seed, batch_size, first_step
+        self._seed, self._batch_size = seed, batch_size
+        self._next_gid, self._skip = first_gid, set(skip)
+        self._batch_index = first_gid // batch_size - 1  # which prompt batch `_batch` is
         self._batch: PromptBatch | None = None
+        self.gid_of: dict[int, int] = {}  # buffer uid -> group id, until the trainer takes it
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -136,16 +142,24 @@ class RolloutProducer:
             self.buffer.close()
 
     def _submit(self, uid: int, submit_version: int) -> None:
-        k, i = divmod(uid, self._batch_size)
-        if i == 0:
+        gid = self._next_gid
+        while gid in self._skip:  # trained on before a resume
+            self._skip.discard(gid)
+            gid += 1
+        self._next_gid = gid + 1
+        k, i = divmod(gid, self._batch_size)
+        while self._batch_index < k:  # a batch whose groups were all trained on is read too
             self._batch = self._next_batch()
+            self._batch_index += 1
+        with self._lock:
+            self.gid_of[uid] = gid
         batch = self._batch
         assert batch is not None
         prompt = batch.input_ids_bt[i][batch.attention_mask_bt[i].astype(bool)].astype(np.int32)
         n = self._params.n
         params = SamplingParams(
             **{**self._params.__dict__,
-               "seed": self._seed * 1_000_003 + self._first_step + k + 1, "sample_offset": i * n}
+               "seed": self._seed * 1_000_003 + k + 1, "sample_offset": i * n}
         )  # fmt: skip
         with self._lock:
             if self._in_flight == 0 and self._idle_since is not None:

@@ -106,12 +106,14 @@ class PPOCoordinator:
         actor = build_model(cfg.actor, mesh=self.mesh, seed=cfg.experiment.seed)
         self._check_vocab(actor.config)
         restored = self._restore_target(actor)
+        self.restored_extra: dict[str, Any] = {}  # the checkpoint's host extras, if resumed
         if restored is None:
             params = self._sft_warmup(actor)
             self.models = self._fresh_models(actor.config, params)
             self.data_iter = self.train_pipe.iterator()
         else:
             self.models, host = restored
+            self.restored_extra = host.extra
             self.step = host.extra["step"]
             self.version = host.extra["version"]
             self.history = host.metric_history
@@ -308,14 +310,17 @@ class PPOCoordinator:
         }
         return ctx.metrics
 
-    def save(self) -> None:
-        host = HostState(
+    def host_state(self) -> HostState:
+        """The host side of a checkpoint: data position, history, config, counters."""
+        return HostState(
             data_state=self.data_iter.get_state(),
             metric_history=self.history,
             config=config_to_yaml(self.cfg),
             extra={"step": self.step, "version": self.version, "eval_history": self.eval_history},
         )
-        self.checkpointer.save(self.step, self._state_tree(self.models), host)
+
+    def save(self) -> None:
+        self.checkpointer.save(self.step, self._state_tree(self.models), self.host_state())
 
     def _stop_requested(self) -> bool:
         """A ``STOP`` file in the output directory ends the run after a save; process 0 looks,

@@ -49,7 +49,10 @@ class TrajectoryQueue:
             raise ValueError(f"batch_size={batch_size}, eta={eta}: need >= 1 and >= 0.")
         self.batch_size, self.eta = batch_size, eta
         self._version = version
-        self._submitted = 0  # groups ever reserved (the capacity rule counts consumed ones too)
+        # Groups ever reserved (the capacity rule counts consumed ones too). A queue created at
+        # version V (a resumed run) counts the V batches trained before as submitted; counting
+        # from 0 would let the producers put V more batches in flight than η allows.
+        self._submitted = version * batch_size
         self._groups: dict[int, GroupInfo] = {}
         self._items: dict[int, Any] = {}
         self._consumed: set[int] = set()
