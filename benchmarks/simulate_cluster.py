@@ -12,9 +12,11 @@ Cost model (per generation instance = one GPU, per train step = the train GPUs t
   re-prefills the in-flight contexts: interruptible generation).
 
 Sync: all GPUs generate the batch (continuous batching per GPU, the step waits for the longest
-response), then all train. Async: ``gen_frac`` of the GPUs generate continuously, the rest train;
-admission and batch selection are the *real* rules of `jaxrlhf.system.staleness` (capacity
-``(η + V + 1) * B``, every group consumed within η versions); the best ``gen_frac`` is reported.
+response), then all train; the CPU projection models jaxrlhf's own sync path instead, a static
+batch that decodes every row until the longest response ends. Async: ``gen_frac`` of the GPUs
+generate continuously, the rest train; admission and batch selection are the *real* rules of
+`jaxrlhf.system.staleness` (capacity ``(η + V + 1) * B``, every group consumed within η
+versions); the best ``gen_frac`` is reported.
 Response lengths: log-normal, clipped at ``--max-len`` (heavy tail, as in long-CoT math RL).
 
 Calibration (``--calibrate``) measures on this machine the toy policy's decode-step time at two
@@ -176,7 +178,15 @@ def simulate_sync(costs: Costs, gpus: int, a: argparse.Namespace, seed: int = 0)
         per_gpu = [[] for _ in range(gpus)]
         for i, length in enumerate(sorted(lens, reverse=True)):  # longest first, balanced
             per_gpu[i % gpus].append(int(length))
-        gen = max(generate_on(costs, a.slots, jobs, a.prompt_len) for jobs in per_gpu)
+        if getattr(a, "static_batch", False):  # jaxrlhf's sync `generate`: the whole batch
+            # decodes until its longest response ends (finished rows stay in the batch)
+            gen = max(
+                max(jobs) * costs.decode_step(len(jobs), 0.0)
+                + len(jobs) * a.prompt_len * costs.prefill_token_s
+                for jobs in per_gpu
+            )
+        else:
+            gen = max(generate_on(costs, a.slots, jobs, a.prompt_len) for jobs in per_gpu)
         tokens = float(lens.sum() + n_seqs * a.prompt_len)
         total_t += gen + tokens * costs.train_token_s / gpus + costs.weight_sync_s
         samples += n_seqs
@@ -303,7 +313,8 @@ def calibrate(a: argparse.Namespace) -> dict:
     cpu = argparse.Namespace(**{**vars(a), "batch": 16, "group": 8, "prompt_len": 8,
                                 "median_len": a.cpu_median_len, "len_sigma": a.cpu_len_sigma,
                                 "max_len": 256, "slots": 128, "eta": 2})  # fmt: skip
-    sync = simulate_sync(both, 1, cpu)
+    # The CPU benchmark's sync path is the batch `generate`, not a continuous-batching server.
+    sync = simulate_sync(both, 1, argparse.Namespace(**vars(cpu), static_batch=True))
     asy = simulate_async(one, 1, 1, cpu)
     return {
         "decode_step_s": per_step,

@@ -248,8 +248,9 @@ class ShapeFloors:
     many steps, each a recompile of the train / inference steps (seconds each on CPU). Packing
     with `floors` pads every batch to the largest M, R, S and T seen so far for the same number
     of sequences; `update` raises them. Each dimension only grows, through its few buckets, so
-    the compiled shapes settle early. Padding is cheap: empty micro-batches are skipped on the
-    device, and empty slots and rows are masked out.
+    the compiled shapes settle early. The padding is cheap: empty micro-batches are skipped on
+    the device and empty slots only widen the per-token grid; padded rows do cost model compute,
+    but only up to the rows earlier batches of the run needed.
     """
 
     def __init__(self) -> None:
