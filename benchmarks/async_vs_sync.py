@@ -94,7 +94,7 @@ def child(args: argparse.Namespace) -> None:
                 start = time.perf_counter()
                 if args.child == "async":
                     produced = -coord.producer.counters()["samples"]
-                    gen_compile = -coord.server.health()["compile_s"]
+                    gen_compile = -coord.server.health().get("compile_s", float("nan"))
             m = coord.train_step()
             rows.append({k: float(v) for k, v in m.items() if isinstance(v, int | float)})
             if i >= args.warmup:
@@ -102,7 +102,7 @@ def child(args: argparse.Namespace) -> None:
         wall = time.perf_counter() - start
         if args.child == "async":
             produced += coord.producer.counters()["samples"]
-            gen_compile += coord.server.health()["compile_s"]
+            gen_compile += coord.server.health().get("compile_s", float("nan"))
     finally:
         if args.child == "async":
             coord.close()

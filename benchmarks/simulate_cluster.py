@@ -179,7 +179,8 @@ def simulate_sync(costs: Costs, gpus: int, a: argparse.Namespace, seed: int = 0)
         for i, length in enumerate(sorted(lens, reverse=True)):  # longest first, balanced
             per_gpu[i % gpus].append(int(length))
         if getattr(a, "static_batch", False):  # jaxrlhf's sync `generate`: the whole batch
-            # decodes until its longest response ends (finished rows stay in the batch)
+            # decodes until its longest response ends (finished rows stay in the batch); KV
+            # reads are left out (CPU calibration: they are in the measured per-row cost)
             gen = max(
                 max(jobs) * costs.decode_step(len(jobs), 0.0)
                 + len(jobs) * a.prompt_len * costs.prefill_token_s

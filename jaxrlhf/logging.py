@@ -502,10 +502,10 @@ def compile_totals() -> dict[str, float]:
     compilation) and ``count`` (XLA compilations). Callers take differences, e.g. per step to
     see recompiles (``perf/compile_s``)."""
     global _compile_listening
-    if not _compile_listening:
-        import jax
-
-        jax.monitoring.register_event_duration_secs_listener(_on_compile_event)
-        _compile_listening = True
     with _compile_lock:
+        if not _compile_listening:  # from the first call on: coordinators call it at start
+            import jax
+
+            jax.monitoring.register_event_duration_secs_listener(_on_compile_event)
+            _compile_listening = True
         return dict(_compile_totals)

@@ -248,3 +248,68 @@ def test_resume_regenerates_in_flight_groups_and_keeps_the_capacity_rule(tmp_pat
     it = resumed.train_pipe.iterator()
     order = [p for _ in range(max(trained) // B + 1) for p in next(it).prompts]
     assert all(prompts[g] == order[g] for g in trained)
+
+
+class _InstantServer:
+    """Completes every request at once with one token per sample (records the prompts)."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def submit(self, prompt, params, request_id):
+        from concurrent.futures import Future
+
+        from jaxrlhf.generation.types import Completion, RequestOutput
+
+        self.prompts.append(tuple(int(t) for t in prompt))
+        one = Completion(np.array([1], np.int32), np.zeros(1, np.float32),
+                         np.zeros(1, np.float32), np.zeros(1, np.int32), "stop")  # fmt: skip
+        future = Future()
+        future.set_result(RequestOutput(request_id, tuple(prompt), (one,) * params.n))
+
+        class Handle:
+            def result(self):
+                return future.result()
+
+            def add_done_callback(self, fn):
+                future.add_done_callback(lambda _: fn(self))
+
+        return Handle()
+
+
+def test_resumed_producer_skips_trained_groups_and_reads_whole_batches(tmp_path):
+    """Starting at group 5 with groups 6 and 8-11 trained before: the producer submits groups
+    5, 7, 12, 13, ... with their own prompts (batch 2, all trained, is read and passed over)."""
+    from jaxrlhf.config import GenerationConfig
+    from jaxrlhf.data.pipeline import PromptBatch
+    from jaxrlhf.system.async_rollout import RolloutProducer
+    from jaxrlhf.system.trajectory_queue import TrajectoryQueue
+
+    B, first, skip = 4, 5, {6, 8, 9, 10, 11}
+
+    def batch(k):
+        ids = np.arange(B * 3, dtype=np.int32).reshape(B, 3) + 100 * k + 1
+        return PromptBatch(ids, np.ones_like(ids), tuple(f"p{k}.{i}" for i in range(B)),
+                           ("",) * B, np.arange(B), np.arange(B) + k * B, k)  # fmt: skip
+
+    read = []
+
+    def next_batch():
+        k = first // B + len(read)
+        read.append(k)
+        return batch(k)
+
+    server = _InstantServer()
+    queue = TrajectoryQueue(B, eta=1, version=first // B)
+    gen = GenerationConfig(n_samples=2, max_new_tokens=1)
+    producer = RolloutProducer(server, queue, next_batch, tokenizer=type(
+        "T", (), {"decode": staticmethod(lambda *a, **k: "")})(), gen=gen, seed=0, batch_size=B,
+        first_gid=first, skip=skip)  # fmt: skip
+    for _ in range(6):
+        producer._submit(*queue.reserve(timeout=0))
+    gids = [producer.gid_of[uid] for uid in sorted(producer.gid_of)]
+    assert gids == [5, 7, 12, 13, 14, 15]
+    assert read == [1, 2, 3]
+    for gid, prompt in zip(gids, server.prompts, strict=True):
+        k, i = divmod(gid, B)
+        assert prompt == tuple(batch(k).input_ids_bt[i].tolist())

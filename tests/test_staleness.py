@@ -151,3 +151,16 @@ def test_queue_threads_slow_and_fast(eta, gen_s, train_s):
     assert set(range((steps - eta) * batch)) <= set(used)
     stats = queue.stats()
     assert stats["async/submitted"] <= (eta + steps + 1) * batch
+
+
+def test_queue_created_at_a_later_version_counts_earlier_batches():
+    """A resumed run's queue (version V) admits (η + 1) batches, as a fresh one does, not
+    (η + V + 1): the V·B groups trained before count as submitted."""
+    eta, batch, version = 1, 3, 5
+    queue = TrajectoryQueue(batch, eta, version=version)
+    reserved = []
+    while (r := queue.reserve(timeout=0)) is not None:
+        reserved.append(r)
+    assert len(reserved) == (eta + 1) * batch
+    assert {v for _, v in reserved} == {version}
+    assert queue.stats()["async/submitted"] == (eta + 1 + version) * batch

@@ -137,6 +137,7 @@ class GenerationServer:
                 "decode_chunk >= 1 and prefill_rows >= 1."
             )
         self.prefill_rows = min(prefill_rows, max_slots)
+        compile_totals()  # start counting compilation (health()["compile_s"])
         self.name = name
         self.config = model.config
         self.max_slots, self.max_seq_len, self.decode_chunk = max_slots, max_seq_len, decode_chunk
@@ -282,7 +283,7 @@ class GenerationServer:
                 "rejected": self._stats["rejected"],
                 "tokens_generated": self._stats["tokens"],
                 "chunks": self._stats["chunks"],
-                "compile_s": compile_totals()["seconds"],  # this process's, cumulative
+                "compile_s": compile_totals()["seconds"],  # this process's, since start
                 "last_error": self._last_error,
             }
 

@@ -24,7 +24,7 @@ and slots are all-masked: they change nothing, and steps skip empty micro-batche
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -246,25 +246,26 @@ class ShapeFloors:
 
     With heavy-tailed lengths, bucketing alone still meets new (M, R, S, T) combinations for
     many steps, each a recompile of the train / inference steps (seconds each on CPU). Packing
-    with `floors` pads every batch to the largest M, R, S and T seen so far for the same number
-    of sequences; `update` raises them. Each dimension only grows, through its few buckets, so
-    the compiled shapes settle early. The padding is cheap: empty micro-batches are skipped on
-    the device and empty slots only widen the per-token grid; padded rows do cost model compute,
-    but only up to the rows earlier batches of the run needed.
+    with `floors` pads every batch to the largest M, R, S and T seen so far under the same key
+    (the caller's: e.g. the number of sequences and the token budget); `update` raises them.
+    Each dimension only grows, through its few buckets, so the compiled shapes settle early. The
+    padding is cheap: empty micro-batches are skipped on the device and empty slots only widen
+    the per-token grid; padded rows do cost model compute, but only up to the rows earlier
+    batches of the run needed.
     """
 
     def __init__(self) -> None:
-        self._floors: dict[int, dict[str, int]] = {}
+        self._floors: dict[Hashable, dict[str, int]] = {}
 
-    def floors(self, num_sequences: int) -> dict[str, int]:
-        """The ``min_*`` keyword arguments of `pack_sequences` for a batch of this size."""
-        return dict(self._floors.get(num_sequences, {}))
+    def floors(self, key: Hashable) -> dict[str, int]:
+        """The ``min_*`` keyword arguments of `pack_sequences` for batches under ``key``."""
+        return dict(self._floors.get(key, {}))
 
-    def update(self, num_sequences: int, packed: PackedBatch) -> None:
+    def update(self, key: Hashable, packed: PackedBatch) -> None:
         M, R, _ = packed.arrays["input_ids"].shape
         _, S, T = packed.arrays["token_index"].shape
         seen = {"min_microbatches": M, "min_rows": R, "min_slots": S, "min_grid_len": T}
-        old = self._floors.setdefault(num_sequences, seen)
+        old = self._floors.setdefault(key, seen)
         for k, v in seen.items():
             old[k] = max(old[k], v)
 

@@ -116,8 +116,10 @@ class AsyncPPOCoordinator(PPOCoordinator):
         # `_consumed_above`. A checkpoint stores both and the data position of the watermark's
         # prompt batch, so a resumed run regenerates the groups that were in flight or
         # buffered at the save instead of dropping them.
+        # A checkpoint without this entry (a sync run resumed in async mode) has trained on
+        # the first `version` prompt batches.
         saved = self.restored_extra.get("async", {})
-        self._watermark = int(saved.get("watermark", 0))
+        self._watermark = int(saved.get("watermark", self.version * cfg.data.batch_size))
         self._consumed_above = {int(g) for g in saved.get("consumed", [])}
         self._batches_read = self._watermark // cfg.data.batch_size
         self._batch_states: dict[int, dict] = {}  # prompt batch index -> data state before it
@@ -257,14 +259,15 @@ class AsyncPPOCoordinator(PPOCoordinator):
             while self._watermark in self._consumed_above:
                 self._consumed_above.discard(self._watermark)
                 self._watermark += 1
+            batch = self._watermark // self.cfg.data.batch_size
+            for k in [k for k in self._batch_states if k < batch]:
+                del self._batch_states[k]  # a checkpoint never needs them again
 
     def host_state(self) -> HostState:
         """As sync, but the data position is that of the first prompt batch with a group not
         yet trained on (the producer reads ahead), plus which later groups were trained on."""
         host = super().host_state()
         batch = self._watermark // self.cfg.data.batch_size
-        for k in [k for k in self._batch_states if k < batch]:
-            del self._batch_states[k]
         state = self._batch_states.get(batch)
         if state is None:  # the producer has not read that batch yet: the current position
             assert batch == self._batches_read, (batch, self._batches_read)

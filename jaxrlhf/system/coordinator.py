@@ -96,6 +96,7 @@ class PPOCoordinator:
         )
         self.checkpointer = Checkpointer(cfg.checkpoint)
         self.logger = logger or MetricsLogger.from_config(cfg, is_main=distributed.is_main())
+        compile_totals()  # start counting compilation (perf/compile_s)
         self.step = 0
         self.version = 0
         self.shape_floors = ShapeFloors()  # packed shapes only grow: few recompiles per run

@@ -93,13 +93,14 @@ class StepContext:
         width = bucket_size(self.cfg.data.max_prompt_len + self.cfg.generation.max_new_tokens)
         seqs = select(data["input_ids"])
         budget = max(max_tokens, width)
+        key = (len(seqs), budget)  # actor / ref / critic packs may use different budgets
         floors = {}
         if self.shape_floors is not None:
             # The grid starts at its largest (T = L): it only holds per-token fields, so its
             # padding costs little, and one long response would soon reach it anyway. Rows cost
             # model compute even when empty, so R grows with the batches, as M and S do.
             floors = {"min_grid_len": width}
-            floors |= self.shape_floors.floors(len(seqs))
+            floors |= self.shape_floors.floors(key)
         packed = pack_sequences(
             seqs,
             {k: select(v) for k, v in fields.items()},
@@ -109,7 +110,7 @@ class StepContext:
             **floors,
         )
         if self.shape_floors is not None:
-            self.shape_floors.update(len(seqs), packed)
+            self.shape_floors.update(key, packed)
         return packed
 
 
