@@ -38,6 +38,7 @@ MODE_OVERRIDES = {
 def interval_means(history: list[dict], key: str, every: int) -> list[float]:
     """Means of ``key`` over consecutive windows of ``every`` steps (absent: skipped)."""
     values = [h[key] for h in history if key in h]
+    every = every if every > 0 else max(len(values), 1)  # no evaluations: one window
     return [sum(w) / len(w) for w in (values[i : i + every] for i in range(0, len(values), every))]
 
 
