@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+
+from _child import run_json_child  # noqa: E402
+
 CONFIG = "toy_async_ppo.yaml"
 MODE_OVERRIDES = {
     "sync": ["experiment.mode=sync", "algorithm.decoupled_loss=false"],
@@ -79,16 +81,8 @@ def run_child(args: argparse.Namespace, mode: str, seed: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, f"--seed={seed}",
            f"--steps={args.steps}", f"--eval-every={args.eval_every}", f"--eta={args.eta}",
            *(f"--set={kv}" for kv in args.set)]  # fmt: skip
-    n = os.cpu_count() or 1
-    if mode == "async" and n > 1:
-        cmd = ["taskset", "-c", str(n - 1), *cmd]
-    load = os.getloadavg()[0]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    if proc.returncode != 0:
-        return {"status": "failed", "stderr": proc.stderr[-3000:]}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["loadavg_before_after"] = [round(load, 2), round(os.getloadavg()[0], 2)]
-    return result
+    # async: the trainer on the last core, its generator process on the others
+    return run_json_child(cmd, pin_last_core=mode == "async", timeout=args.timeout)
 
 
 def mean_curve(runs: list[dict]) -> list[list[float]]:

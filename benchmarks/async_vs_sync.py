@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +45,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+
+from _child import run_json_child  # noqa: E402
+
 TARGET = 1.6
 
 
@@ -149,16 +151,8 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
     cmd += [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
             ("steps", "warmup", "eta", "batch", "new-tokens", "sft-steps", "lr")]  # fmt: skip
     cmd += [f"--set={kv}" for kv in args.set]
-    n = os.cpu_count() or 1
-    if mode == "async" and n > 1:  # trainer on the last core; the generator takes the rest
-        cmd = ["taskset", "-c", str(n - 1), *cmd]
-    load = os.getloadavg()[0]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    if proc.returncode != 0:
-        return {"status": "failed", "stderr": proc.stderr[-3000:]}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["loadavg_before_after"] = [round(load, 2), round(os.getloadavg()[0], 2)]
-    return result
+    # async: the trainer on the last core, its generator process on the others
+    return run_json_child(cmd, pin_last_core=mode == "async", timeout=args.timeout)
 
 
 def plot(results: dict, path: str) -> str | None:
