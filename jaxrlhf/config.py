@@ -203,6 +203,8 @@ class RewardConfig:
     fn: str | None = None  # registry name or "module:function"; None: the data task's verifier
     scale: float = 1.0
     clip: float | None = _field(None, gt=0)  # clip scores to [-clip, clip]
+    workers: int = _field(0, ge=0)  # reward worker processes; 0: score in this process
+    timeout_s: float = _field(10.0, gt=0)  # per-response deadline in the workers (scores 0 past it)
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,13 @@ class AlgorithmConfig:
     decoupled_loss: bool = False  # ratio against recomputed proximal logprobs (async PPO)
     behav_imp_weight_cap: float | None = _field(None, ge=1)  # cap on π_prox / π_behaviour
     behav_imp_weight_mode: Literal["truncate", "mask"] = "truncate"  # what the cap does
+    # DAPO soft overlong punishment: scores fall linearly by up to overlong_penalty_factor over
+    # the last overlong_buffer_len tokens before generation.max_new_tokens; None: off
+    overlong_buffer_len: int | None = _field(None, ge=1)
+    overlong_penalty_factor: float = _field(1.0, ge=0)
+    # A response cut at max_new_tokens: "bootstrap" from the critic's value at the cut, or
+    # "terminal" (its last token ends the episode); None: bootstrap with a critic, else terminal
+    truncation: Literal["bootstrap", "terminal"] | None = None
 
 
 @dataclass(frozen=True)
