@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from jaxrlhf.config import main_guard, parse_cli
+from jaxrlhf.cli import main_guard, parse_cli
 
 
 @main_guard

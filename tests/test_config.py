@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jaxrlhf.cli import main_guard, parse_cli
 from jaxrlhf.config import (
     Config,
     ConfigError,
@@ -19,8 +20,6 @@ from jaxrlhf.config import (
     config_to_dict,
     config_to_yaml,
     load_config,
-    main_guard,
-    parse_cli,
     save_config,
     validate,
     with_overrides,

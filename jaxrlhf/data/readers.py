@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxrlhf.data.tasks import ArithmeticTask
+from jaxrlhf.errors import DataError
 from jaxrlhf.registry import Registry
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -34,10 +35,6 @@ TOY_DATASET_SIZE = 1024  # problems in a built-in task's pool (one epoch)
 # Built-in tasks: name -> factory of an object with `problems(n, seed)` (see `tasks.py`).
 PROMPT_TASKS: Registry[Callable[[], Any]] = Registry("prompt task")
 PROMPT_TASKS.register("arithmetic", ArithmeticTask)
-
-
-class DataError(ValueError):
-    """A dataset that cannot be read or a bad row in strict mode; one sentence for the user."""
 
 
 @dataclasses.dataclass(frozen=True)
