@@ -5,11 +5,16 @@ Selected by name from the config through the registries: ``algorithm.policy_loss
 (gae, grpo, dr_grpo, rloo, reinforce_pp), KL estimators -> `KL_ESTIMATORS` (k1, k2, k3), loss
 aggregation -> `LOSS_AGGREGATIONS`. String arguments (estimator, aggregation, method) are
 static: close over them (``functools.partial``) or mark them static when jitting.
+
+Each entry carries its metadata (``REGISTRY.info(name)``; see `registries`): a new estimator or
+loss is one function plus `register_advantage_estimator` / `register_policy_loss`.
+`effective_loss_aggregation` resolves the actor loss's aggregation from that metadata.
 """
 
 from jaxrlhf.algorithms.advantages import (
     gae,
     group_advantages,
+    last_valid,
     overlong_penalty,
     reinforce_pp_advantages,
     returns_to_go,
@@ -30,23 +35,33 @@ from jaxrlhf.algorithms.aggregation import (
 from jaxrlhf.algorithms.critic_loss import critic_loss
 from jaxrlhf.algorithms.entropy import entropy_bonus, entropy_from_logits
 from jaxrlhf.algorithms.kl import kl, kl_loss, kl_reward_penalty
-from jaxrlhf.algorithms.policy_loss import behaviour_weights, gspo_actor_loss, ppo_actor_loss
+from jaxrlhf.algorithms.policy_loss import (
+    LOG_RATIO_BOUND,
+    behaviour_weights,
+    gspo_actor_loss,
+    ppo_actor_loss,
+)
 from jaxrlhf.algorithms.registries import (
     ADVANTAGE_ESTIMATORS,
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
     POLICY_LOSSES,
+    effective_loss_aggregation,
+    register_advantage_estimator,
+    register_policy_loss,
 )
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "KL_ESTIMATORS",
+    "LOG_RATIO_BOUND",
     "LOSS_AGGREGATIONS",
     "POLICY_LOSSES",
     "Denominators",
     "aggregate",
     "behaviour_weights",
     "critic_loss",
+    "effective_loss_aggregation",
     "entropy_bonus",
     "entropy_from_logits",
     "gae",
@@ -55,6 +70,7 @@ __all__ = [
     "kl",
     "kl_loss",
     "kl_reward_penalty",
+    "last_valid",
     "loss_denominators",
     "masked_max",
     "masked_mean",
@@ -64,6 +80,8 @@ __all__ = [
     "masked_whiten",
     "overlong_penalty",
     "ppo_actor_loss",
+    "register_advantage_estimator",
+    "register_policy_loss",
     "reinforce_pp_advantages",
     "returns_to_go",
     "scale_and_clip_rewards",

@@ -5,9 +5,9 @@ Conventions:
 - Token grids are ``[batch, time]``; only tokens with ``mask_bt > 0`` exist. Padding (left,
   right or in the middle) is skipped by the backward recursions, so a padded response gets the
   same advantages as the unpadded one; outputs are 0 on padding.
-- Episodes end at a sequence's last valid token: the value after it is 0 (terminal), i.e.
-  responses are treated as complete. A truncated response should get its penalty / bootstrap
-  through the reward (see `overlong_penalty`).
+- Episodes end at a sequence's last valid token: the value after it is 0 (terminal). A response
+  cut at the length limit may instead bootstrap (GAE's ``bootstrap_b``: the value after the cut
+  is the critic's), or be penalised through its score (see `overlong_penalty`).
 - Group methods need the ``group_size`` samples of one prompt in consecutive rows.
 
 Every estimator in `ADVANTAGE_ESTIMATORS` has the signature::
@@ -16,8 +16,9 @@ Every estimator in `ADVANTAGE_ESTIMATORS` has the signature::
         -> (advantages_bt, returns_bt)
 
 where ``rewards_bt`` are token rewards (build them with `scores_to_token_rewards` plus an
-optional `kl_reward_penalty`). Group estimators reduce them to one score per sequence (their
-sum); their returns equal the advantages (there is no critic).
+optional `kl_reward_penalty`). Estimators registered with ``needs_values`` also take
+``bootstrap_b`` (rows whose last token is not terminal). Group estimators reduce the rewards to
+one score per sequence (their sum); their returns equal the advantages (there is no critic).
 """
 
 from __future__ import annotations
@@ -25,9 +26,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxrlhf.algorithms._checks import check_same_shape, compute_dtype, is_number
+from jaxrlhf.algorithms._checks import (
+    check_rank,
+    check_rows,
+    check_same_shape,
+    compute_dtype,
+    is_number,
+)
 from jaxrlhf.algorithms.aggregation import masked_whiten
-from jaxrlhf.algorithms.registries import ADVANTAGE_ESTIMATORS
+from jaxrlhf.algorithms.registries import register_advantage_estimator
 
 GROUP_METHODS = ("grpo", "dr_grpo", "rloo")
 
@@ -39,19 +46,36 @@ def _reverse_scan_bt(step, init_b, xs_bt: tuple[jax.Array, ...]) -> jax.Array:
     return out_tb.T
 
 
+def last_valid(x_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
+    """``x`` at each row's last valid token, ``[B]`` (0 for a row without any)."""
+    valid = mask_bt > 0
+    length = valid.shape[1]
+    last_b = length - 1 - jnp.argmax(valid[:, ::-1], axis=1)
+    picked = jnp.take_along_axis(x_bt, last_b[:, None], axis=1)[:, 0]
+    return jnp.where(jnp.any(valid, axis=1), picked, 0)
+
+
 def gae(
     rewards_bt: jax.Array,
     values_bt: jax.Array,
     mask_bt: jax.Array,
     gamma: float,
     lam: float,
+    *,
+    bootstrap_b: jax.Array | None = None,
+    bootstrap_values_b: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Generalised advantage estimation over valid tokens; returns (advantages, returns).
 
     δ_t = r_t + γ V_next − V_t, A_t = δ_t + γλ A_next, returns = A + V, where "next" is the
-    next *valid* token of the same row, and V_next = A_next = 0 after the last one (terminal).
+    next *valid* token of the same row. After a row's last token A_next = 0 and V_next = 0
+    (terminal), except on rows where ``bootstrap_b`` is set (a response cut at the length limit):
+    there V_next = ``bootstrap_values_b``, by default the row's value at its last token (the
+    nearest state to the cut that token-aligned values hold), so its return includes γ V.
     """
     check_same_shape("gae", 2, rewards_bt=rewards_bt, values_bt=values_bt, mask_bt=mask_bt)
+    check_rows("gae", "bootstrap_b", bootstrap_b, "mask_bt", mask_bt)
+    check_rows("gae", "bootstrap_values_b", bootstrap_values_b, "mask_bt", mask_bt)
     dtype = compute_dtype(rewards_bt, values_bt)
     valid = mask_bt > 0
     r = jnp.where(valid, rewards_bt.astype(dtype), 0.0)
@@ -66,7 +90,11 @@ def gae(
         return (jnp.where(m_t, v_t, next_v), jnp.where(m_t, a_t, next_a)), a_t
 
     zeros_b = jnp.zeros(r.shape[:1], dtype)
-    adv = _reverse_scan_bt(step, (zeros_b, zeros_b), (r, v, valid))
+    after_b = zeros_b  # the value after each row's last valid token
+    if bootstrap_b is not None:
+        boot_v = last_valid(v, mask_bt) if bootstrap_values_b is None else bootstrap_values_b
+        after_b = jnp.where(jnp.asarray(bootstrap_b) > 0, boot_v.astype(dtype), 0.0)
+    adv = _reverse_scan_bt(step, (after_b, zeros_b), (r, v, valid))
     return adv, jnp.where(valid, adv + v, 0.0)
 
 
@@ -98,8 +126,7 @@ def group_advantages(
     samples (needs G >= 2).
     """
     fn = "group_advantages"
-    if jnp.ndim(scores_b) != 1:
-        raise ValueError(f"{fn}: expected 1-D scores_b [batch], got shape {jnp.shape(scores_b)}.")
+    check_rank(fn, "scores_b [batch]", scores_b, 1)
     if method not in GROUP_METHODS:
         raise ValueError(f"{fn}: method must be one of {GROUP_METHODS}, got {method!r}.")
     batch = scores_b.shape[0]
@@ -112,15 +139,19 @@ def group_advantages(
     if method == "rloo" and group_size < 2:
         raise ValueError(f"{fn}: rloo needs group_size >= 2, got {group_size}.")
     g = scores_b.astype(compute_dtype(scores_b)).reshape(batch // group_size, group_size)
-    mean = jnp.mean(g, axis=1, keepdims=True)
+    # Shift by the group's first score (which changes no difference): equal scores become exact
+    # zeros, so an equal group's mean, std and advantages are exactly 0, where the rounding error
+    # of a float mean (e.g. of eight 0.97s) divided by std + eps would give about ±0.1.
+    d = g - g[:, :1]
+    mean = jnp.mean(d, axis=1, keepdims=True)
     if method == "dr_grpo":
-        adv = g - mean
+        adv = d - mean
     elif method == "rloo":
-        others_mean = (jnp.sum(g, axis=1, keepdims=True) - g) / (group_size - 1)
-        adv = g - others_mean
+        others_mean = (jnp.sum(d, axis=1, keepdims=True) - d) / (group_size - 1)
+        adv = d - others_mean
     else:
-        std = jnp.std(g, axis=1, keepdims=True, ddof=1) if group_size > 1 else jnp.zeros_like(g)
-        adv = (g - mean) / (std + eps)
+        std = jnp.std(d, axis=1, keepdims=True, ddof=1) if group_size > 1 else jnp.zeros_like(d)
+        adv = (d - mean) / (std + eps)
     return adv.reshape(batch)
 
 
@@ -139,11 +170,7 @@ def reinforce_pp_advantages(
 
 def scores_to_token_rewards(scores_b: jax.Array, mask_bt: jax.Array) -> jax.Array:
     """Place each sequence's scalar score on its last valid token (rows without any: dropped)."""
-    if jnp.ndim(mask_bt) != 2 or jnp.shape(scores_b) != jnp.shape(mask_bt)[:1]:
-        raise ValueError(
-            f"scores_to_token_rewards: expected scores_b [B] and mask_bt [B, T], got "
-            f"{jnp.shape(scores_b)} and {jnp.shape(mask_bt)}."
-        )
+    check_rows("scores_to_token_rewards", "scores_b", scores_b, "mask_bt", mask_bt)
     valid = mask_bt > 0
     length = valid.shape[1]
     last_b = length - 1 - jnp.argmax(valid[:, ::-1], axis=1)
@@ -191,7 +218,7 @@ def overlong_penalty(
 # --- registry entries with the uniform estimator signature -----------------------------------
 
 
-@ADVANTAGE_ESTIMATORS.register("gae")
+@register_advantage_estimator("gae", label="PPO", needs_values=True, group=False, adv_norm=True)
 def gae_estimator(
     rewards_bt: jax.Array,
     mask_bt: jax.Array,
@@ -201,14 +228,15 @@ def gae_estimator(
     gamma: float = 1.0,
     lam: float = 1.0,
     eps: float = 1e-6,
+    bootstrap_b: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """`gae` (needs ``values_bt`` from the critic)."""
+    """`gae` (needs ``values_bt`` from the critic; ``bootstrap_b``: truncated rows)."""
     if values_bt is None:
         raise ValueError("advantage estimator 'gae' needs values_bt (a critic), got None.")
-    return gae(rewards_bt, values_bt, mask_bt, gamma, lam)
+    return gae(rewards_bt, values_bt, mask_bt, gamma, lam, bootstrap_b=bootstrap_b)
 
 
-@ADVANTAGE_ESTIMATORS.register("reinforce_pp")
+@register_advantage_estimator("reinforce_pp", label="REINFORCE++", needs_values=False, group=False)
 def reinforce_pp_estimator(
     rewards_bt: jax.Array,
     mask_bt: jax.Array,
@@ -246,5 +274,12 @@ def _group_estimator(method: str):
     return estimate
 
 
-for _method in GROUP_METHODS:
-    ADVANTAGE_ESTIMATORS.register(_method, _group_estimator(_method))
+register_advantage_estimator("grpo", _group_estimator("grpo"), label="GRPO", needs_values=False,
+                             group=True)  # fmt: skip
+# Dr.GRPO: no std and no length normalisation; the loss sums tokens over a fixed constant.
+register_advantage_estimator(
+    "dr_grpo", _group_estimator("dr_grpo"), label="Dr.GRPO", needs_values=False, group=True,
+    aggregation="seq_mean_token_sum_norm", norm_constant="max_new_tokens",
+)  # fmt: skip
+register_advantage_estimator("rloo", _group_estimator("rloo"), label="RLOO", needs_values=False,
+                             group=True)  # fmt: skip

@@ -5,9 +5,10 @@ Aggregation modes (``aggregation=`` on every loss, registered in `LOSS_AGGREGATI
 - ``token_mean``: sum over valid tokens / number of valid tokens.
 - ``seq_mean_token_mean``: per-sequence token mean, then mean over sequences.
 - ``seq_mean_token_sum``: per-sequence token sum, then mean over sequences.
-- ``seq_mean_token_sum_norm`` (Dr.GRPO): per-sequence token sum / ``norm_constant`` (default:
-  the padded length T; pass the max response length so every micro-batch uses the same one),
-  then mean over sequences.
+- ``seq_mean_token_sum_norm`` (Dr.GRPO): per-sequence token sum / ``norm_constant``, then mean
+  over sequences. The config passes ``generation.max_new_tokens`` (see
+  `effective_loss_aggregation`), so every micro-batch uses the same constant; called without
+  one, the padded length T of this grid is used.
 
 "Sequences" are rows with at least one valid token, so all-padding filler rows change nothing.
 Every normaliser is clamped to >= 1: an all-masked batch has loss 0 and zero (finite) gradients.
@@ -83,23 +84,35 @@ def masked_whiten(x: jax.Array, mask: jax.Array, eps: float = 1e-6) -> jax.Array
     return jnp.where(mask > 0, (x - mean) / (std + eps), 0.0)
 
 
-@LOSS_AGGREGATIONS.register("token_mean")
+@LOSS_AGGREGATIONS.register(
+    "token_mean", sequence_level=False, uses_norm_constant=False,
+    help="sum over valid tokens / valid tokens",
+)  # fmt: skip
 def _token_mean(x_bt, valid_bt, den: Denominators, norm_constant):
     return jnp.sum(x_bt) / jnp.maximum(den.tokens, 1.0)
 
 
-@LOSS_AGGREGATIONS.register("seq_mean_token_mean")
+@LOSS_AGGREGATIONS.register(
+    "seq_mean_token_mean", sequence_level=True, uses_norm_constant=False,
+    help="per-sequence token mean, then the mean over sequences",
+)  # fmt: skip
 def _seq_mean_token_mean(x_bt, valid_bt, den: Denominators, norm_constant):
     per_seq_b = jnp.sum(x_bt, -1) / jnp.maximum(jnp.sum(valid_bt, -1), 1)
     return jnp.sum(per_seq_b) / jnp.maximum(den.seqs, 1.0)
 
 
-@LOSS_AGGREGATIONS.register("seq_mean_token_sum")
+@LOSS_AGGREGATIONS.register(
+    "seq_mean_token_sum", sequence_level=True, uses_norm_constant=False,
+    help="per-sequence token sum, then the mean over sequences",
+)  # fmt: skip
 def _seq_mean_token_sum(x_bt, valid_bt, den: Denominators, norm_constant):
     return jnp.sum(x_bt) / jnp.maximum(den.seqs, 1.0)
 
 
-@LOSS_AGGREGATIONS.register("seq_mean_token_sum_norm")
+@LOSS_AGGREGATIONS.register(
+    "seq_mean_token_sum_norm", sequence_level=True, uses_norm_constant=True,
+    help="per-sequence token sum / a constant (the max response length), mean over sequences",
+)  # fmt: skip
 def _seq_mean_token_sum_norm(x_bt, valid_bt, den: Denominators, norm_constant):
     constant = x_bt.shape[-1] if norm_constant is None else norm_constant
     return jnp.sum(x_bt) / (jnp.maximum(den.seqs, 1.0) * constant)

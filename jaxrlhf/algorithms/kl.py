@@ -15,19 +15,19 @@ from jaxrlhf.algorithms.aggregation import Denominators, aggregate, masked_mean
 from jaxrlhf.algorithms.registries import KL_ESTIMATORS
 
 
-@KL_ESTIMATORS.register("k1")
+@KL_ESTIMATORS.register("k1", help="log ρ: unbiased, high variance, can be negative")
 def k1(log_ratio: jax.Array) -> jax.Array:
     """log ρ."""
     return log_ratio
 
 
-@KL_ESTIMATORS.register("k2")
+@KL_ESTIMATORS.register("k2", help="½ (log ρ)²: its gradient is the unbiased gradient of the KL")
 def k2(log_ratio: jax.Array) -> jax.Array:
     """½ (log ρ)²."""
     return 0.5 * jnp.square(log_ratio)
 
 
-@KL_ESTIMATORS.register("k3")
+@KL_ESTIMATORS.register("k3", help="e^{−log ρ} − 1 + log ρ: unbiased, >= 0, low variance")
 def k3(log_ratio: jax.Array) -> jax.Array:
     """e^{−log ρ} − 1 + log ρ (expm1 keeps it exact near ρ = 1)."""
     return jnp.expm1(-log_ratio) + log_ratio

@@ -4,6 +4,11 @@ Both are registered in `POLICY_LOSSES` with one signature, so ``algorithm.policy
 them. Inputs are ``[batch, time]`` token grids; values under ``mask_bt == 0`` are ignored (they
 may be garbage, even inf/NaN, without reaching the loss or its gradient).
 
+Log-ratios are clamped to ±`LOG_RATIO_BOUND` (20, as verl does) before ``exp``: beyond about
+88 float32 ``exp`` overflows and the backward pass gives NaN. A ratio of e^20 ≈ 5e8 is far past
+any clip range, so the clamp changes nothing a clipped objective would use; past the bound the
+token's ratio is constant (no gradient through it).
+
 Decoupled PPO (asynchronous RL): the ratio is taken against the *proximal* policy π_prox
 (log-probs recomputed just before the update) and each token is weighted by
 w = π_prox / π_behaviour (the policy that generated it), with no gradient through w. Pass
@@ -23,10 +28,15 @@ from jaxrlhf.algorithms.aggregation import (
     masked_mean,
     masked_min,
 )
-from jaxrlhf.algorithms.kl import kl
-from jaxrlhf.algorithms.registries import POLICY_LOSSES
+from jaxrlhf.algorithms.kl import k3
+from jaxrlhf.algorithms.registries import register_policy_loss
 
 BEHAVIOUR_WEIGHT_MODES = ("truncate", "mask")
+LOG_RATIO_BOUND = 20.0  # |log r| cap before exp (float32 exp overflows past ~88)
+
+
+def _clamp_log_ratio(log_ratio: jax.Array) -> jax.Array:
+    return jnp.clip(log_ratio, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
 
 
 def _check_hparams(
@@ -72,7 +82,7 @@ def behaviour_weights(
         ones = jnp.where(valid, 1.0, 0.0).astype(dtype)
         return ones, jnp.zeros(mask_bt.shape, bool)
     log_w = jnp.where(valid, proximal_logp_bt.astype(dtype) - behaviour_logp_bt.astype(dtype), 0.0)
-    log_w = jax.lax.stop_gradient(log_w)
+    log_w = _clamp_log_ratio(jax.lax.stop_gradient(log_w))
     if cap is None:
         return jnp.where(valid, jnp.exp(log_w), 0.0), jnp.zeros(mask_bt.shape, bool)
     log_cap = jnp.log(jnp.asarray(cap, dtype))
@@ -103,7 +113,7 @@ def _clipped_surrogate(ratio_bt, adv_bt, eps_low, eps_high, dual_clip):
 
 def _surrogate_loss(
     ratio_bt,
-    logp_bt,
+    token_log_ratio_bt,
     prox_bt,
     behav_bt,
     adv_bt,
@@ -137,7 +147,7 @@ def _surrogate_loss(
         "clip_frac": masked_mean(low | high, mask_bt),
         "dual_clip_frac": masked_mean(dual, mask_bt),
         # k3 estimate of KL(π_prox ‖ π_θ) on the sampled tokens: (r − 1) − log r >= 0.
-        "approx_kl": masked_mean(kl(sg(prox_bt), sg(logp_bt), "k3", mask=mask_bt), mask_bt),
+        "approx_kl": masked_mean(k3(-sg(token_log_ratio_bt)), mask_bt),
         "ratio_mean": masked_mean(ratio_sg, mask_bt),
         "ratio_max": masked_max(ratio_sg, mask_bt),
         "ratio_min": masked_min(ratio_sg, mask_bt),
@@ -150,7 +160,7 @@ def _surrogate_loss(
     return loss, metrics
 
 
-@POLICY_LOSSES.register("ppo")
+@register_policy_loss("ppo")
 def ppo_actor_loss(
     logp_bt: jax.Array,
     proximal_logp_bt: jax.Array,
@@ -192,10 +202,11 @@ def ppo_actor_loss(
     )
     dtype = compute_dtype(logp_bt, proximal_logp_bt)
     log_ratio = logp_bt.astype(dtype) - jax.lax.stop_gradient(proximal_logp_bt.astype(dtype))
-    ratio_bt = jnp.exp(jnp.where(mask_bt > 0, log_ratio, 0.0))
+    log_ratio = _clamp_log_ratio(jnp.where(mask_bt > 0, log_ratio, 0.0))
+    ratio_bt = jnp.exp(log_ratio)
     return _surrogate_loss(
         ratio_bt,
-        logp_bt,
+        log_ratio,
         proximal_logp_bt,
         behaviour_logp_bt,
         advantages_bt,
@@ -211,7 +222,11 @@ def ppo_actor_loss(
     )
 
 
-@POLICY_LOSSES.register("gspo")
+# GSPO's ratio is per sequence: only a sequence-level aggregation keeps its objective (verl's
+# GSPO uses seq-mean-token-mean).
+@register_policy_loss(
+    "gspo", aggregation="seq_mean_token_mean", aggregations=("seq_mean_token_mean",)
+)
 def gspo_actor_loss(
     logp_bt: jax.Array,
     proximal_logp_bt: jax.Array,
@@ -255,11 +270,12 @@ def gspo_actor_loss(
     log_ratio = jnp.where(valid, logp - jax.lax.stop_gradient(proximal_logp_bt.astype(dtype)), 0.0)
     seq_log_ratio_b = jnp.sum(log_ratio, -1) / jnp.maximum(jnp.sum(valid, -1), 1)
     sg = jax.lax.stop_gradient
-    token_log_ratio = sg(seq_log_ratio_b)[:, None] + (logp - sg(logp))
+    # The clamp applies to the sequence ratio; the token term's value is 0 (its gradient only).
+    token_log_ratio = sg(_clamp_log_ratio(seq_log_ratio_b))[:, None] + (logp - sg(logp))
     ratio_bt = jnp.exp(jnp.where(valid, token_log_ratio, 0.0))
     return _surrogate_loss(
         ratio_bt,
-        logp_bt,
+        _clamp_log_ratio(log_ratio),
         proximal_logp_bt,
         behaviour_logp_bt,
         advantages_bt,
