@@ -293,12 +293,13 @@ def calibrate(a: argparse.Namespace) -> dict:
     overhead = max(per_step[16] - 16 * row_s, 0.0)
     # Train: one jitted actor update over packed sequences of the benchmark's size.
     from jaxrlhf.interfaces import ActorLossSpec, actor_train, init_train_state, pack_sequences
+    from jaxrlhf.system.specs import optimizer_spec
 
     seqs = [np.full(24, 5, np.int32) for _ in range(128)]
     ones = [np.concatenate([[0.0], np.ones(23)]).astype(np.float32) for _ in range(128)]
     packed = pack_sequences(seqs, {"loss_mask": ones, "advantages": ones},
                             max_tokens_per_mb=2048)  # fmt: skip
-    opt = cfg.actor.optimizer
+    opt = optimizer_spec(cfg.actor.optimizer)
     state = init_train_state(model.params, model.config, opt, total_steps=10)
     spec = ActorLossSpec(on_policy=True)
     state, _ = actor_train(state, packed, cfg=model.config, spec=spec, opt_cfg=opt, total_steps=10)

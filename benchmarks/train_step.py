@@ -27,7 +27,6 @@ import jax
 import numpy as np
 
 from jaxrlhf.algorithms import group_advantages
-from jaxrlhf.config import OptimizerConfig
 from jaxrlhf.interfaces import (
     ActorLossSpec,
     actor_train,
@@ -37,9 +36,10 @@ from jaxrlhf.interfaces import (
     unpack,
 )
 from jaxrlhf.models import RopeConfig, TransformerConfig, init_model
+from jaxrlhf.optim import OptimizerSpec
 
 EPS_CLIP, KL_COEF, GROUP = 0.2, 0.04, 8
-OPT = OptimizerConfig(lr=1e-6, weight_decay=0.01, grad_clip=1.0)
+OPT = OptimizerSpec(lr=1e-6, weight_decay=0.01, grad_clip=1.0)
 SPEC = ActorLossSpec(eps_clip=EPS_CLIP, kl_coef=KL_COEF, kl_estimator="k3")
 
 

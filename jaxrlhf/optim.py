@@ -1,5 +1,6 @@
-"""Optimizer from `OptimizerConfig`: AdamW, warm-up + constant / cosine / linear learning rate,
-global-norm gradient clipping (optax).
+"""Optimizer from an `OptimizerSpec`: AdamW, warm-up + constant / cosine / linear learning rate,
+global-norm gradient clipping (optax). The spec is config-free and hashable, so compiled train
+steps are cached on it; the system layer builds it from ``*.optimizer`` (`system.specs`).
 
 Schedule (``count`` = number of updates already applied, so the first update uses count 0):
 
@@ -15,19 +16,32 @@ biases (parameters whose name ends in ``norm`` or ``bias``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrlhf.config import OptimizerConfig
-
 NO_DECAY_SUFFIXES = ("norm", "bias")
 
 
-def lr_schedule(cfg: OptimizerConfig, total_steps: int | None = None) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """AdamW and its learning-rate schedule (frozen, hashable: compiled steps are cached on it)."""
+
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0  # max global gradient norm; None: no clipping
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0  # final lr / lr of the cosine and linear decays
+
+
+def lr_schedule(cfg: OptimizerSpec, total_steps: int | None = None) -> optax.Schedule:
     """Learning rate as a function of the update count (see the module docstring)."""
     if cfg.schedule != "constant" and (total_steps is None or total_steps < 1):
         raise ValueError(
@@ -64,7 +78,7 @@ def weight_decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(
-    cfg: OptimizerConfig, total_steps: int | None = None
+    cfg: OptimizerSpec, total_steps: int | None = None
 ) -> optax.GradientTransformation:
     """Global-norm clipping (when ``cfg.grad_clip`` is set) followed by AdamW on `lr_schedule`."""
     adamw = optax.adamw(

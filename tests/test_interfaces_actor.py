@@ -24,7 +24,6 @@ from interfaces_reference import (
     ref_logp_entropy,
 )
 
-from jaxrlhf.config import OptimizerConfig
 from jaxrlhf.interfaces import (
     ActorLossSpec,
     ParamLayout,
@@ -40,6 +39,7 @@ from jaxrlhf.interfaces import (
     unpack,
 )
 from jaxrlhf.models import init_model
+from jaxrlhf.optim import OptimizerSpec
 
 N, LO, HI = 8, 5, 24
 # Sequence-level aggregation, dual clip, KL and entropy terms: every path of the objective.
@@ -52,7 +52,7 @@ SPEC = ActorLossSpec(
     entropy_coef=0.01,
     temperature=0.9,
 )
-OPT = OptimizerConfig(lr=1e-3, grad_clip=1.0, weight_decay=0.01)
+OPT = OptimizerSpec(lr=1e-3, grad_clip=1.0, weight_decay=0.01)
 # Floors on the micro-batch and slot counts: steady shapes, so train steps share one compile.
 STEADY = dict(max_tokens_per_mb=48, min_microbatches=4, min_slots=4)
 

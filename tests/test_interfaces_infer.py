@@ -21,7 +21,6 @@ from interfaces_reference import (
     ref_values,
 )
 
-from jaxrlhf.config import OptimizerConfig
 from jaxrlhf.interfaces import (
     ActorLossSpec,
     CriticLossSpec,
@@ -41,6 +40,7 @@ from jaxrlhf.interfaces import (
     unpack_scalars,
 )
 from jaxrlhf.models import init_model
+from jaxrlhf.optim import OptimizerSpec
 
 N, LO, HI = 7, 4, 24
 
@@ -134,7 +134,7 @@ def test_critic_step_matches_reference(data):
     ret, res = pf["returns"][mask], (pf["returns"] - np.asarray(ref_v))[mask]
     ev = 1.0 - np.var(res.astype(np.float64)) / np.var(ret.astype(np.float64))
 
-    opt = OptimizerConfig(lr=1e-2, grad_clip=None)
+    opt = OptimizerSpec(lr=1e-2, grad_clip=None)
     state = init_train_state(jax.tree.map(jnp.copy, params), TINY, opt)
     state, metrics = critic_train(state, packed, cfg=TINY, spec=spec, opt_cfg=opt)
     m = {k: float(v) for k, v in metrics.items()}
@@ -169,7 +169,7 @@ def test_bfloat16_params_train_step(data):
     packed = pack_sequences(
         ids, {k: fields[k] for k in ("loss_mask", "advantages")}, max_tokens_per_mb=32
     )
-    opt = OptimizerConfig(lr=1e-2)
+    opt = OptimizerSpec(lr=1e-2)
     state = init_train_state(params, cfg, opt)
     before = np.asarray(state.params["embed"], np.float32)
     state, metrics = actor_train(state, packed, cfg=cfg, spec=spec, opt_cfg=opt)

@@ -11,7 +11,6 @@ from interfaces_reference import TINY, max_abs_diff, random_sequences
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrlhf.config import OptimizerConfig
 from jaxrlhf.interfaces import (
     ActorLossSpec,
     CriticLossSpec,
@@ -22,12 +21,13 @@ from jaxrlhf.interfaces import (
     pack_sequences,
 )
 from jaxrlhf.models import init_model, make_mesh
+from jaxrlhf.optim import OptimizerSpec
 
 # Vocabulary, heads, mlp and embed all divisible by 2: every axis really shards.
 CFG = dataclasses.replace(TINY, vocab_size=128)
 # Adam's first update is lr·g/(|g| + eps): where |g| ~ eps it turns rounding-level gradient
 # differences into 1e-5 parameter differences. eps = 1e-6 keeps the test about sharding.
-OPT = OptimizerConfig(lr=1e-3, eps=1e-6, grad_clip=0.5, weight_decay=0.01, warmup_steps=1)
+OPT = OptimizerSpec(lr=1e-3, eps=1e-6, grad_clip=0.5, weight_decay=0.01, warmup_steps=1)
 SPEC = ActorLossSpec(eps_clip=0.2, kl_coef=0.05, entropy_coef=0.01, on_policy=False)
 
 

@@ -9,11 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrlhf.config import OptimizerConfig
-from jaxrlhf.optim import lr_schedule, make_optimizer, weight_decay_mask
+from jaxrlhf.optim import OptimizerSpec, lr_schedule, make_optimizer, weight_decay_mask
 
 
-def ref_lr(cfg: OptimizerConfig, total: int, step: int) -> float:
+def ref_lr(cfg: OptimizerSpec, total: int, step: int) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
@@ -28,7 +27,7 @@ def ref_lr(cfg: OptimizerConfig, total: int, step: int) -> float:
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
 @pytest.mark.parametrize("warmup", [0, 3])
 def test_schedules_match_reference(schedule, warmup):
-    cfg = OptimizerConfig(lr=2e-3, warmup_steps=warmup, schedule=schedule, min_lr_ratio=0.1)
+    cfg = OptimizerSpec(lr=2e-3, warmup_steps=warmup, schedule=schedule, min_lr_ratio=0.1)
     fn = lr_schedule(cfg, total_steps=12)
     for step in range(16):
         assert float(fn(step)) == pytest.approx(ref_lr(cfg, 12, step), rel=1e-6), step
@@ -40,8 +39,8 @@ def test_schedules_match_reference(schedule, warmup):
 
 def test_decay_needs_total_steps():
     with pytest.raises(ValueError, match="needs total_steps"):
-        lr_schedule(OptimizerConfig(schedule="cosine"))
-    lr_schedule(OptimizerConfig(schedule="constant"))  # fine without
+        lr_schedule(OptimizerSpec(schedule="cosine"))
+    lr_schedule(OptimizerSpec(schedule="constant"))  # fine without
 
 
 def _params(rng):
@@ -65,7 +64,7 @@ def test_weight_decay_mask():
 
 @pytest.mark.parametrize("grad_clip", [None, 0.5])
 def test_adamw_matches_numpy_loop(grad_clip):
-    cfg = OptimizerConfig(
+    cfg = OptimizerSpec(
         lr=1e-2,
         weight_decay=0.1,
         betas=(0.8, 0.95),

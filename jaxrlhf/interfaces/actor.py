@@ -27,7 +27,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxrlhf.algorithms import POLICY_LOSSES, Denominators, entropy_bonus, kl_loss
-from jaxrlhf.config import AlgorithmConfig, OptimizerConfig
 from jaxrlhf.interfaces.microbatch import (
     Batch,
     Shapes,
@@ -43,7 +42,7 @@ from jaxrlhf.interfaces.state import ParamLayout, TrainState, state_shardings
 from jaxrlhf.interfaces.train import train_step
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.transformer import Params
-from jaxrlhf.optim import lr_schedule, make_optimizer
+from jaxrlhf.optim import OptimizerSpec, lr_schedule, make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,34 +64,6 @@ class ActorLossSpec:
     on_policy: bool = False  # π_old = stop_gradient(π_θ): one update per batch, no old_logp
     temperature: float = 1.0  # the sampling temperature: logits are divided by it
     logits_chunk: int | None = None  # tokens per chunk of the log-prob pass (memory bound)
-
-    @classmethod
-    def from_config(
-        cls,
-        algo: AlgorithmConfig,
-        *,
-        temperature: float = 1.0,
-        logits_chunk: int | None = None,
-        on_policy: bool = False,
-    ) -> ActorLossSpec:
-        """The objective ``algorithm.*`` describes (KL in the loss unless ``kl_in_reward``)."""
-        return cls(
-            policy_loss=algo.policy_loss,
-            eps_clip=algo.eps_clip,
-            eps_clip_high=algo.eps_clip_high,
-            dual_clip=algo.dual_clip,
-            decoupled=algo.decoupled_loss,
-            behaviour_weight_cap=algo.behav_imp_weight_cap,
-            behaviour_weight_mode=algo.behav_imp_weight_mode,
-            aggregation=algo.loss_agg,
-            norm_constant=algo.loss_norm_constant,
-            kl_coef=0.0 if algo.kl_in_reward else algo.kl_coef,
-            kl_estimator=algo.kl_estimator,
-            entropy_coef=algo.entropy_coef,
-            on_policy=on_policy,
-            temperature=temperature,
-            logits_chunk=logits_chunk,
-        )
 
     def required_fields(self) -> tuple[str, ...]:
         fields = ("loss_mask", "advantages") + (() if self.on_policy else ("old_logp",))
@@ -164,7 +135,7 @@ def actor_train_step(
     *,
     cfg: TransformerConfig,
     spec: ActorLossSpec,
-    opt_cfg: OptimizerConfig,
+    opt_cfg: OptimizerSpec,
     total_steps: int | None = None,
     mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -183,7 +154,7 @@ def actor_train_step(
 def compile_actor_train_step(
     cfg: TransformerConfig,
     spec: ActorLossSpec,
-    opt_cfg: OptimizerConfig,
+    opt_cfg: OptimizerSpec,
     total_steps: int | None,
     mesh: Mesh | None,
     layout: ParamLayout,
@@ -211,7 +182,7 @@ def actor_train(
     *,
     cfg: TransformerConfig,
     spec: ActorLossSpec,
-    opt_cfg: OptimizerConfig,
+    opt_cfg: OptimizerSpec,
     total_steps: int | None = None,
     mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:

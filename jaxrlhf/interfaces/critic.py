@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxrlhf.algorithms import Denominators, critic_loss
-from jaxrlhf.config import AlgorithmConfig, OptimizerConfig
 from jaxrlhf.interfaces.inference import inference_inputs, jit_inference
 from jaxrlhf.interfaces.microbatch import (
     Batch,
@@ -36,7 +35,7 @@ from jaxrlhf.interfaces.state import ParamLayout, TrainState, state_shardings
 from jaxrlhf.interfaces.train import train_step
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.transformer import Params
-from jaxrlhf.optim import lr_schedule, make_optimizer
+from jaxrlhf.optim import OptimizerSpec, lr_schedule, make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +47,6 @@ class CriticLossSpec:
     huber_delta: float = 1.0
     aggregation: str = "token_mean"
     norm_constant: float | None = None
-
-    @classmethod
-    def from_config(cls, algo: AlgorithmConfig, **overrides: object) -> CriticLossSpec:
-        """Value clipping from ``algorithm.value_eps_clip``; token-mean MSE unless overridden."""
-        return cls(value_clip=algo.value_eps_clip, **overrides)  # type: ignore[arg-type]
 
     def required_fields(self) -> tuple[str, ...]:
         return ("loss_mask", "returns") + (("old_values",) if self.value_clip else ())
@@ -113,7 +107,7 @@ def critic_train_step(
     *,
     cfg: TransformerConfig,
     spec: CriticLossSpec,
-    opt_cfg: OptimizerConfig,
+    opt_cfg: OptimizerSpec,
     total_steps: int | None = None,
     mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -139,7 +133,7 @@ def critic_train_step(
 def compile_critic_train_step(
     cfg: TransformerConfig,
     spec: CriticLossSpec,
-    opt_cfg: OptimizerConfig,
+    opt_cfg: OptimizerSpec,
     total_steps: int | None,
     mesh: Mesh | None,
     layout: ParamLayout,
@@ -166,7 +160,7 @@ def critic_train(
     *,
     cfg: TransformerConfig,
     spec: CriticLossSpec,
-    opt_cfg: OptimizerConfig,
+    opt_cfg: OptimizerSpec,
     total_steps: int | None = None,
     mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:

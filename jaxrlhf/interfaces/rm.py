@@ -28,7 +28,6 @@ from jax.sharding import Mesh
 from numpy.typing import ArrayLike
 
 from jaxrlhf.algorithms import Denominators
-from jaxrlhf.config import OptimizerConfig
 from jaxrlhf.hostio import fetch
 from jaxrlhf.interfaces.inference import map_microbatches
 from jaxrlhf.interfaces.microbatch import (
@@ -47,7 +46,7 @@ from jaxrlhf.interfaces.state import ParamLayout, TrainState, state_shardings
 from jaxrlhf.interfaces.train import accumulate_gradients, apply_gradients, batch_denominators
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.transformer import Params
-from jaxrlhf.optim import lr_schedule, make_optimizer
+from jaxrlhf.optim import OptimizerSpec, lr_schedule, make_optimizer
 
 Pairs = dict[str, jax.Array]  # chosen, rejected (int32 [P]), valid (float32 [P])
 
@@ -162,7 +161,7 @@ def rm_train_step(
     pairs: Pairs,
     *,
     cfg: TransformerConfig,
-    opt_cfg: OptimizerConfig,
+    opt_cfg: OptimizerSpec,
     total_steps: int | None = None,
     mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -183,7 +182,7 @@ def rm_train_step(
 @functools.lru_cache(maxsize=32)
 def compile_rm_train_step(
     cfg: TransformerConfig,
-    opt_cfg: OptimizerConfig,
+    opt_cfg: OptimizerSpec,
     total_steps: int | None,
     mesh: Mesh | None,
     layout: ParamLayout,
@@ -215,7 +214,7 @@ def rm_train(
     pairs: dict[str, np.ndarray],
     *,
     cfg: TransformerConfig,
-    opt_cfg: OptimizerConfig,
+    opt_cfg: OptimizerSpec,
     total_steps: int | None = None,
     mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:

@@ -22,7 +22,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxrlhf.algorithms import Denominators
-from jaxrlhf.config import OptimizerConfig
 from jaxrlhf.interfaces.inference import jit_inference
 from jaxrlhf.interfaces.microbatch import (
     Batch,
@@ -39,7 +38,7 @@ from jaxrlhf.interfaces.state import ParamLayout, TrainState, state_shardings
 from jaxrlhf.interfaces.train import accumulate_gradients, batch_denominators, train_step
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.transformer import Params
-from jaxrlhf.optim import lr_schedule, make_optimizer
+from jaxrlhf.optim import OptimizerSpec, lr_schedule, make_optimizer
 
 REQUIRED = ("loss_mask",)
 
@@ -89,7 +88,7 @@ def sft_train_step(
     batch: Batch,
     *,
     cfg: TransformerConfig,
-    opt_cfg: OptimizerConfig,
+    opt_cfg: OptimizerSpec,
     total_steps: int | None = None,
     logits_chunk: int | None = None,
     mesh: Mesh | None = None,
@@ -106,7 +105,7 @@ def sft_train_step(
 @functools.lru_cache(maxsize=32)
 def compile_sft_train_step(
     cfg: TransformerConfig,
-    opt_cfg: OptimizerConfig,
+    opt_cfg: OptimizerSpec,
     total_steps: int | None,
     mesh: Mesh | None,
     layout: ParamLayout,
@@ -134,7 +133,7 @@ def sft_train(
     packed: PackedBatch,
     *,
     cfg: TransformerConfig,
-    opt_cfg: OptimizerConfig,
+    opt_cfg: OptimizerSpec,
     total_steps: int | None = None,
     mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:

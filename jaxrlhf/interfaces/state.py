@@ -10,12 +10,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxrlhf.config import OptimizerConfig
 from jaxrlhf.interfaces.microbatch import replicated
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.handle import param_shardings
 from jaxrlhf.models.transformer import Params, param_shapes
-from jaxrlhf.optim import make_optimizer
+from jaxrlhf.optim import OptimizerSpec, make_optimizer
 
 
 class TrainState(NamedTuple):
@@ -69,7 +68,7 @@ def state_shardings(
 def _init_fn(
     cfg: TransformerConfig,
     layout: ParamLayout,
-    opt_cfg: OptimizerConfig,
+    opt_cfg: OptimizerSpec,
     total_steps: int | None,
     mesh: Mesh | None,
 ):
@@ -83,7 +82,7 @@ def _init_fn(
 def init_train_state(
     params: Params,
     cfg: TransformerConfig,
-    opt_cfg: OptimizerConfig,
+    opt_cfg: OptimizerSpec,
     *,
     total_steps: int | None = None,
     mesh: Mesh | None = None,

@@ -24,8 +24,6 @@ from jaxrlhf.dfg import MFC, MFC_INTERFACES
 from jaxrlhf.generation.sampler import Sampler
 from jaxrlhf.hostio import fetch
 from jaxrlhf.interfaces import (
-    ActorLossSpec,
-    CriticLossSpec,
     PackedBatch,
     ShapeFloors,
     TrainState,
@@ -42,6 +40,7 @@ from jaxrlhf.interfaces import (
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.transformer import Params
 from jaxrlhf.system.rollout import Trajectories, generate_trajectories, score
+from jaxrlhf.system.specs import actor_loss_spec, critic_loss_spec, optimizer_spec
 
 Data = dict[str, Any]
 
@@ -167,7 +166,7 @@ class PPOActor:
         fused = cfg.experiment.mode == "async" and cfg.async_ppo.proximal == "fused"
         one_update = algo.ppo_epochs == 1 and algo.n_minibatches == 1
         on_policy = one_update and (not algo.decoupled_loss or fused)
-        spec = ActorLossSpec.from_config(algo, temperature=ctx.temperature, on_policy=on_policy)
+        spec = actor_loss_spec(algo, temperature=ctx.temperature, on_policy=on_policy)
         fields = {"loss_mask": mask, "advantages": data["advantages"], "behaviour_logp": behav}
         gap = None
         if not on_policy:
@@ -186,8 +185,9 @@ class PPOActor:
         metrics = _train_epochs(
             ctx, data, fields, cfg.actor.max_tokens_per_mb, "actor",
             lambda state, packed: actor_train(
-                state, packed, cfg=m.actor_cfg, spec=spec, opt_cfg=cfg.actor.optimizer,
-                total_steps=ctx.updates_per_run, mesh=ctx.mesh,
+                state, packed, cfg=m.actor_cfg, spec=spec,
+                opt_cfg=optimizer_spec(cfg.actor.optimizer), total_steps=ctx.updates_per_run,
+                mesh=ctx.mesh,
             ),
         )  # fmt: skip
         if gap is not None and gap.size:  # measured before any update, not per minibatch
@@ -238,15 +238,16 @@ class PPOCritic:
     @staticmethod
     def train(ctx: StepContext, mfc: MFC, data: Data) -> Data:
         cfg, m = ctx.cfg, ctx.models
-        spec = CriticLossSpec.from_config(cfg.algorithm)
+        spec = critic_loss_spec(cfg.algorithm)
         fields = {"loss_mask": data["response_mask"], "returns": data["returns"]}
         if spec.value_clip:
             fields["old_values"] = data["values"]
         metrics = _train_epochs(
             ctx, data, fields, cfg.critic.max_tokens_per_mb, "critic",
             lambda state, packed: critic_train(
-                state, packed, cfg=m.critic_cfg, spec=spec, opt_cfg=cfg.critic.optimizer,
-                total_steps=ctx.updates_per_run, mesh=ctx.mesh,
+                state, packed, cfg=m.critic_cfg, spec=spec,
+                opt_cfg=optimizer_spec(cfg.critic.optimizer), total_steps=ctx.updates_per_run,
+                mesh=ctx.mesh,
             ),
         )  # fmt: skip
         ctx.metrics |= {f"critic/{k}": v for k, v in metrics.items()}

@@ -18,6 +18,7 @@ from jaxrlhf.data.sft import ExampleTable, PairExample, load_pair_table
 from jaxrlhf.interfaces import PackedBatch
 from jaxrlhf.interfaces.rm import pack_pairs, rm_eval, rm_train
 from jaxrlhf.system.reward_model import save_reward_model
+from jaxrlhf.system.specs import optimizer_spec
 from jaxrlhf.system.supervised import SupervisedTrainer
 
 
@@ -47,8 +48,9 @@ class RMTrainer(SupervisedTrainer):
     def train_on(self, examples: list[PairExample]) -> dict[str, Any]:
         packed, pairs = self.pack(examples)
         self.state, metrics = rm_train(
-            self.state, packed, pairs, cfg=self.handle.config, opt_cfg=self.cfg.actor.optimizer,
-            total_steps=self.total, mesh=self.mesh,
+            self.state, packed, pairs, cfg=self.handle.config,
+            opt_cfg=optimizer_spec(self.cfg.actor.optimizer), total_steps=self.total,
+            mesh=self.mesh,
         )  # fmt: skip
         return metrics | {"seq_tokens": packed.real_tokens()}
 

@@ -14,6 +14,7 @@ from typing import Any
 from jaxrlhf.data.sft import ExampleTable, SFTExample, load_sft_table
 from jaxrlhf.interfaces import PackedBatch, pack_sequences
 from jaxrlhf.interfaces.sft import sft_eval, sft_train
+from jaxrlhf.system.specs import optimizer_spec
 from jaxrlhf.system.supervised import SupervisedTrainer
 
 
@@ -42,8 +43,9 @@ class SFTTrainer(SupervisedTrainer):
     def train_on(self, examples: list[SFTExample]) -> dict[str, Any]:
         packed = self.pack(examples)
         self.state, metrics = sft_train(
-            self.state, packed, cfg=self.handle.config, opt_cfg=self.cfg.actor.optimizer,
-            total_steps=self.total, mesh=self.mesh,
+            self.state, packed, cfg=self.handle.config,
+            opt_cfg=optimizer_spec(self.cfg.actor.optimizer), total_steps=self.total,
+            mesh=self.mesh,
         )  # fmt: skip
         return metrics | {"seq_tokens": packed.real_tokens()}
 

@@ -25,6 +25,7 @@ from jaxrlhf.interfaces import TrainState, init_train_state
 from jaxrlhf.interfaces.packing import bucket_size
 from jaxrlhf.logging import MetricsLogger, history_entry
 from jaxrlhf.models import MeshError, ModelHandle, build_model, make_mesh
+from jaxrlhf.system.specs import optimizer_spec
 
 
 class SupervisedTrainer(abc.ABC):
@@ -50,8 +51,8 @@ class SupervisedTrainer(abc.ABC):
         self.history: list[dict[str, Any]] = []
         self.eval_history: list[dict[str, Any]] = []
         self.state: TrainState = init_train_state(
-            self.handle.params, self.handle.config, cfg.actor.optimizer, total_steps=self.total,
-            mesh=self.mesh,
+            self.handle.params, self.handle.config, optimizer_spec(cfg.actor.optimizer),
+            total_steps=self.total, mesh=self.mesh,
         )  # fmt: skip
         self._maybe_resume()
         self.logger = logger or MetricsLogger.from_config(cfg, start_step=self.step)
