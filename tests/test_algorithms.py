@@ -687,3 +687,186 @@ def test_bad_hyperparameters_raise_value_error():
         alg.critic_loss(a, None, a, a, value_clip=0.2)
     with pytest.raises(RegistryError, match="unknown loss aggregation 'token_sum'"):
         alg.aggregate(a, a, "token_sum")
+
+
+# --- metadata and the aggregation resolver --------------------------------------------------
+
+ESTIMATOR_KEYS = {"label", "needs_values", "group", "adv_norm", "aggregation", "norm_constant"}
+
+
+def test_every_entry_describes_itself():
+    labels = {}
+    for name in alg.ADVANTAGE_ESTIMATORS:
+        info = alg.ADVANTAGE_ESTIMATORS.info(name)
+        assert set(info) >= ESTIMATOR_KEYS, name
+        assert info["aggregation"] is None or info["aggregation"] in alg.LOSS_AGGREGATIONS
+        labels[name] = info["label"]
+    assert labels == {"gae": "PPO", "grpo": "GRPO", "dr_grpo": "Dr.GRPO", "rloo": "RLOO",
+                      "reinforce_pp": "REINFORCE++"}  # fmt: skip
+    needs = [
+        n for n in alg.ADVANTAGE_ESTIMATORS if alg.ADVANTAGE_ESTIMATORS.info(n)["needs_values"]
+    ]
+    groups = [n for n in alg.ADVANTAGE_ESTIMATORS if alg.ADVANTAGE_ESTIMATORS.info(n)["group"]]
+    assert needs == ["gae"] and groups == ["dr_grpo", "grpo", "rloo"]
+    assert alg.POLICY_LOSSES.info("gspo")["aggregations"] == ("seq_mean_token_mean",)
+    assert alg.POLICY_LOSSES.info("ppo")["aggregations"] is None
+    seq = {n: alg.LOSS_AGGREGATIONS.info(n)["sequence_level"] for n in alg.LOSS_AGGREGATIONS}
+    assert seq == {"token_mean": False, "seq_mean_token_mean": True, "seq_mean_token_sum": True,
+                   "seq_mean_token_sum_norm": True}  # fmt: skip
+    assert all("help" in alg.KL_ESTIMATORS.info(n) for n in alg.KL_ESTIMATORS)
+
+
+@pytest.mark.parametrize(
+    ("loss", "estimator", "loss_agg", "constant", "want"),
+    [
+        ("ppo", "gae", None, None, ("token_mean", None)),
+        ("ppo", "grpo", None, None, ("token_mean", None)),
+        # GSPO is sequence level by default (it used token_mean unless loss_agg was also set).
+        ("gspo", "grpo", None, None, ("seq_mean_token_mean", None)),
+        ("gspo", "dr_grpo", None, None, ("seq_mean_token_mean", None)),
+        # Dr.GRPO divides by generation.max_new_tokens, not the padded prompt + response width.
+        ("ppo", "dr_grpo", None, None, ("seq_mean_token_sum_norm", 512.0)),
+        ("ppo", "dr_grpo", None, 100.0, ("seq_mean_token_sum_norm", 100.0)),
+        ("ppo", "dr_grpo", "token_mean", None, ("token_mean", None)),
+        ("ppo", "gae", "seq_mean_token_sum_norm", None, ("seq_mean_token_sum_norm", 512.0)),
+        ("ppo", "rloo", "seq_mean_token_sum", 7.0, ("seq_mean_token_sum", None)),
+        ("gspo", "gae", "seq_mean_token_mean", None, ("seq_mean_token_mean", None)),
+    ],
+)
+def test_effective_loss_aggregation(loss, estimator, loss_agg, constant, want):
+    assert alg.effective_loss_aggregation(loss, estimator, loss_agg, constant, 512) == want
+
+
+def test_effective_loss_aggregation_rejects_contradictions():
+    with pytest.raises(ValueError, match=r"loss_agg='token_mean' contradicts .*'gspo'"):
+        alg.effective_loss_aggregation("gspo", "grpo", "token_mean", None, 512)
+    with pytest.raises(RegistryError, match=r"algorithm.loss_agg='token_sum'.*did you mean"):
+        alg.effective_loss_aggregation("ppo", "grpo", "token_sum", None, 512)
+    with pytest.raises(ValueError, match="norm_constant must be one of"):
+        alg.register_advantage_estimator("x", lambda: 0, label="X", needs_values=False,
+                                         group=False, norm_constant="T")  # fmt: skip
+    with pytest.raises(ValueError, match="not among its allowed"):
+        alg.register_policy_loss("y", lambda: 0, aggregation="token_mean",
+                                 aggregations=("seq_mean_token_mean",))  # fmt: skip
+    assert "x" not in alg.ADVANTAGE_ESTIMATORS and "y" not in alg.POLICY_LOSSES
+
+
+# --- equal groups, clamped ratios, truncation -----------------------------------------------
+
+
+def ref_group(scores, group, method, eps=1e-6):
+    """float64 group advantages, one group at a time."""
+    out = []
+    for k in range(0, len(scores), group):
+        g = np.asarray(scores[k : k + group], np.float64)
+        if method == "grpo":
+            out += list((g - g.mean()) / (g.std(ddof=1) + eps))
+        elif method == "dr_grpo":
+            out += list(g - g.mean())
+        else:
+            out += list(g - (g.sum() - g) / (group - 1))
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("method", ["grpo", "dr_grpo", "rloo"])
+def test_equal_groups_give_exactly_zero(method):
+    rng = np.random.default_rng(30)
+    groups = [
+        np.full(8, 0.97),  # float32 mean != 0.97: was ±0.106 for grpo
+        np.full(8, 1 / 3),
+        np.full(8, -12345.678),
+        rng.normal(size=8),
+        np.r_[np.full(7, 0.97), 0.1],
+        rng.uniform(0, 1, 8).round(1),
+    ]
+    scores = np.concatenate(groups).astype(np.float32)
+    got = np.asarray(jax.jit(partial(alg.group_advantages, group_size=8, method=method))(scores))
+    for k in (0, 1, 2):
+        assert np.all(got[8 * k : 8 * (k + 1)] == 0.0), (k, got[8 * k : 8 * (k + 1)])
+    want = ref_group(scores.astype(np.float64), 8, method)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # Through the registered estimator (scores on the last token of ragged rows) too.
+    mask = np.ones((48, 3), bool)
+    mask[::3, 2] = False
+    rewards = np.asarray(alg.scores_to_token_rewards(jnp.asarray(scores), jnp.asarray(mask)))
+    adv, _ = alg.ADVANTAGE_ESTIMATORS.get(method)(*f32(rewards, mask), group_size=8)
+    assert np.all(np.asarray(adv)[:24] == 0.0)
+
+
+def test_extreme_log_ratios_stay_finite_and_normal_ones_are_unchanged():
+    logp, prox, behav, adv, mask = policy_inputs(31)
+    far = logp.copy()
+    far[0, :3] += 200.0  # |log r| = 200: exp overflowed in the forward, NaN in the backward
+    far[1, :3] -= 200.0
+    far_behav = prox.copy()
+    far_behav[2, 1], far_behav[3, 1] = prox[2, 1] + 200.0, prox[3, 1] - 200.0
+    for name in ("ppo", "gspo"):
+        loss_fn = alg.POLICY_LOSSES.get(name)
+
+        def total(lp, behav_, loss_fn=loss_fn):
+            loss, metrics = loss_fn(lp, prox, behav_, adv, mask, eps_clip=0.2)
+            return loss, metrics
+
+        for lp, bh in ((far, behav), (logp, far_behav), (far, None)):
+            (loss, metrics), grad = jax.value_and_grad(total, has_aux=True)(*f32(lp, bh))
+            assert np.isfinite(loss) and np.all(np.isfinite(grad)), name
+            assert all(np.isfinite(v) for v in metrics.values()), name
+        assert float(metrics["ratio_max"]) == pytest.approx(np.exp(alg.LOG_RATIO_BOUND), rel=1e-5)
+        # Inside the bound the clamp changes nothing: the loop reference is unclamped.
+        moderate = prox + np.clip(logp - prox, -15, 15)
+        got, _ = loss_fn(*f32(moderate, prox, behav, adv, mask), eps_clip=0.2)
+        want, _ = ref_policy_loss(
+            moderate, prox, behav, adv, mask, sequence_ratio=name == "gspo", eps_clip=0.2
+        )
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    w, _ = alg.behaviour_weights(*f32(logp, far_behav, mask))
+    assert np.all(np.isfinite(w)) and float(np.max(w)) <= np.exp(alg.LOG_RATIO_BOUND) * 1.0001
+
+
+def brute_force_gae(r, v, mask, gamma, lam, boot, boot_v=None):
+    """Backward loop over each row's valid tokens; the value after the last one is V at the
+    last token (or ``boot_v``) on bootstrapped rows, else 0."""
+    adv, ret = np.zeros_like(r), np.zeros_like(r)
+    for b in range(r.shape[0]):
+        idx = np.flatnonzero(mask[b])
+        if not len(idx):
+            continue
+        next_v = 0.0
+        if boot[b]:
+            next_v = v[b, idx[-1]] if boot_v is None else boot_v[b]
+        next_a = 0.0
+        for t in idx[::-1]:
+            delta = r[b, t] + gamma * next_v - v[b, t]
+            next_a = delta + gamma * lam * next_a
+            next_v = v[b, t]
+            adv[b, t], ret[b, t] = next_a, next_a + v[b, t]
+    return adv, ret
+
+
+@pytest.mark.parametrize("mode", ["bootstrap", "terminal"])
+def test_gae_truncation_matches_brute_force(mode):
+    rng = np.random.default_rng(32)
+    mask = ragged_mask(rng)
+    r, v = rng.normal(size=(B, T)), rng.normal(size=(B, T))
+    truncated = np.array([True, False, True, True, True, False])
+    boot = truncated if mode == "bootstrap" else np.zeros(B, bool)
+    est = alg.ADVANTAGE_ESTIMATORS.get("gae")
+    adv, ret = jax.jit(partial(est, gamma=0.97, lam=0.9))(
+        *f32(r, mask), values_bt=jnp.asarray(v, jnp.float32), bootstrap_b=jnp.asarray(boot)
+    )
+    want_adv, want_ret = brute_force_gae(r, v, mask, 0.97, 0.9, boot)
+    np.testing.assert_allclose(adv, want_adv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ret, want_ret, rtol=1e-5, atol=1e-5)
+    if mode == "terminal":  # no bootstrap at all == the terminal closed form
+        np.testing.assert_allclose(adv, ref_gae(r, v, mask, 0.97, 0.9)[0], rtol=1e-5, atol=1e-5)
+    else:  # a truncated row's last return includes γ·V at the cut
+        last = np.flatnonzero(mask[0])[-1]
+        assert np.asarray(ret)[0, last] == pytest.approx(r[0, last] + 0.97 * v[0, last], 1e-5)
+    boot_v = rng.normal(size=B)
+    adv, ret = alg.gae(*f32(r, v, mask), 0.97, 0.9, bootstrap_b=jnp.asarray(boot),
+                       bootstrap_values_b=jnp.asarray(boot_v, jnp.float32))  # fmt: skip
+    want_adv, want_ret = brute_force_gae(r, v, mask, 0.97, 0.9, boot, boot_v)
+    np.testing.assert_allclose(adv, want_adv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ret, want_ret, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"bootstrap_b \[B\] and mask_bt \[B, T\]"):
+        alg.gae(*f32(r, v, mask), 1.0, 1.0, bootstrap_b=jnp.zeros(B + 1, bool))
