@@ -172,7 +172,8 @@ def test_async_decoupled_loss_adds_proximal_logprobs() -> None:
     assert edge_set(g) == GRPO_EDGES | prox_edges
     assert g["actor_inf"].role == "actor" and g["actor_inf"].interface_type == "inference"
     assert g.edges[("actor_inf", "actor_train")] == ("prox_logprobs",)
-    assert "actor_inf" not in graph_for(*base)  # async without the decoupled loss
+    with pytest.raises(ConfigError, match="decoupled_loss must be true"):
+        graph_for(*base)  # async without the decoupled loss: stale batches would train on-policy
     assert "actor_inf" not in graph_for(base[0], "algorithm.decoupled_loss=true")  # sync
     g = graph_for(
         *base,
