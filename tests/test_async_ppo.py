@@ -156,6 +156,57 @@ def test_request_spanning_a_weight_update_has_two_versions():
         assert not np.allclose(behav[1:][at], per_version[1 - v][at], atol=1e-3)
 
 
+def test_group_stamped_at_a_new_version_never_runs_under_the_old_one():
+    """The staleness race, forced: the trainer publishes v1 and bumps the buffer (as
+    ``AsyncPPOCoordinator.train_step`` does) while the server is in a round begun under v0, and
+    the producer submits a group stamped v1 in that window. With η = 0 the group must be all
+    v1; it used to start under v0, and taking it raised `StalenessError`."""
+    from jaxrlhf.config import GenerationConfig
+    from jaxrlhf.data.pipeline import PromptBatch
+    from jaxrlhf.system.async_rollout import RolloutProducer
+    from jaxrlhf.system.trajectory_queue import TrajectoryQueue
+
+    cfg = TransformerConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=1,
+                            num_heads=2, num_kv_heads=1, initializer_range=0.3)  # fmt: skip
+    m0, m1 = init_model(cfg, seed=0), init_model(cfg, seed=1)
+
+    class HookedRound(GenerationServer):
+        hook = None
+
+        def _admit(self):  # the round has taken its (absent) weight update already
+            hook, self.hook = self.hook, None
+            if hook is not None:
+                hook()
+            super()._admit()
+
+    server = HookedRound(m0, max_slots=2, max_seq_len=16, decode_chunk=2, threaded=False)
+    queue = TrajectoryQueue(batch_size=1, eta=0)
+    ids = np.asarray([[3, 4, 5]], np.int32)
+    batches = (PromptBatch(ids, np.ones_like(ids), ("p",), ("a",), np.zeros(1), np.full(1, k), k)
+               for k in range(2))  # fmt: skip
+    producer = RolloutProducer(
+        server, queue, lambda: next(batches), _Chars(),
+        GenerationConfig(n_samples=2, max_new_tokens=4, temperature=1.0), seed=0, batch_size=1,
+    )  # fmt: skip
+    producer._submit(*queue.reserve(timeout=0))
+    server.run_until_idle()
+    [(_, _, first)] = queue.take_batch(timeout=0)
+    assert first == 0
+
+    def publish_and_submit():
+        server.update_weights(m1.params, 1)  # the trainer's publication of version 1
+        queue.set_version(1)
+        producer._submit(*queue.reserve(timeout=0))  # the producer's next group, stamped v1
+
+    server.hook = publish_and_submit
+    server.step()
+    server.run_until_idle()
+    [(_, traj, oldest)] = queue.take_batch(timeout=0)
+    assert oldest == 1
+    for vers, mask in zip(traj.versions, traj.response_mask, strict=True):
+        assert set(vers[mask > 0].tolist()) == {1}
+
+
 def test_generator_in_its_own_process(tmp_path):
     """``async_ppo.generator=process``: the disaggregated CPU path trains within η, exactly once,
     and fails loudly instead of hanging when the generation process dies."""

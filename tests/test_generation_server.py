@@ -30,9 +30,9 @@ def other_params():
     return init_model(CFG, seed=1).params
 
 
-def _server(model, **kw):
+def _server(model, cls=GenerationServer, **kw):
     kw = dict(max_slots=SLOTS, max_seq_len=SEQ_LEN, decode_chunk=CHUNK, threaded=False) | kw
-    return GenerationServer(model, **kw)
+    return cls(model, **kw)
 
 
 def _requests(seed, count):
@@ -120,6 +120,41 @@ def test_weight_update_mid_request(model, other_params, temperature):
     np.testing.assert_allclose(out.logprobs[v0], old[v0], atol=1e-5)
     np.testing.assert_allclose(out.logprobs[~v0], new[~v0], atol=1e-5)
     assert np.abs(out.logprobs[~v0] - old[~v0]).max() > 1e-2  # the versions really differ
+
+
+class _HookedRound(GenerationServer):
+    """Runs ``hook`` once inside a scheduling round, after the round has taken its pending
+    weight update (none) and before it admits requests."""
+
+    hook = None
+
+    def _admit(self):
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            hook()
+        super()._admit()
+
+
+def test_request_submitted_after_an_update_never_runs_under_older_weights(model, other_params):
+    """An update and a submission that land inside a round begun under v0: the request waits
+    for the next round, which applies v1, and every token is v1 (it used to be admitted at
+    once and decode under v0: the async PPO staleness race)."""
+    server = _server(model, cls=_HookedRound)
+    running = server.submit([5, 6, 7], SamplingParams(max_new_tokens=3 * CHUNK))
+    server.step()  # v0 decodes `running`
+    late = []
+
+    def publish_then_submit():
+        server.update_weights(other_params, version=1)
+        late.append(server.submit([1, 2, 3], SamplingParams(max_new_tokens=CHUNK)))
+
+    server.hook = publish_then_submit
+    server.step()  # the round that began under v0: `late` is queued, not admitted
+    assert server.health()["queued"] == 1
+    server.run_until_idle()
+    assert late[0].result().completions[0].versions.tolist() == [1] * CHUNK
+    versions = running.result().completions[0].versions.tolist()
+    assert versions == [0] * 2 * CHUNK + [1] * CHUNK  # in flight: both rounds ran v0
 
 
 def test_prefill_in_fixed_row_chunks(model, other_params):

@@ -80,6 +80,7 @@ class _Request:
     params: SamplingParams
     stops: tuple[int, ...]
     handle: RequestHandle
+    min_update: int  # updates published before it was submitted: it never runs under fewer
     sequences: list[_Sequence] = dataclasses.field(default_factory=list)
 
 
@@ -144,13 +145,16 @@ class GenerationServer:
         self.eos_token_id = model.config.eos_token_id if eos_token_id is None else eos_token_id
         self.recompute_kv = recompute_kv
         self._sampler = Sampler(model.config, model.params, model.mesh)
-        self._version = version
+        self._version = version  # of the weights decoding now
+        # `update_weights` calls made / applied so far. Counted, not compared by version: a
+        # caller may publish any version number, the order of calls is what admission obeys.
+        self._updates_published = self._updates_applied = 0
         self._cache = self._sampler.new_cache(max_slots, max_seq_len)
         self._rows = empty_rows(max_slots)
         self._slots: list[_Sequence | None] = [None] * max_slots
         self._queue: collections.deque[_Sequence] = collections.deque()
         self._requests: dict[str, _Request] = {}
-        self._pending_weights: tuple[Any, int] | None = None
+        self._pending_weights: tuple[Any, int, int] | None = None  # params, version, update
         self._aborts: set[str] = set()
         self._paused = self._closed = self._in_step = False
         self._cond = threading.Condition()
@@ -207,8 +211,9 @@ class GenerationServer:
                 return handle
             seed = params.seed if params.seed is not None else self._seed * 1_000_003 + number
             request = _Request(
-                request_id, prompt, params, stop_ids(params, self.eos_token_id), handle
-            )
+                request_id, prompt, params, stop_ids(params, self.eos_token_id), handle,
+                min_update=self._updates_published,
+            )  # fmt: skip
             request.sequences = [
                 _Sequence(request, j, sample_key_data(seed, params.sample_offset + j))
                 for j in range(params.n)
@@ -230,12 +235,16 @@ class GenerationServer:
     def update_weights(self, params: Params, version: int, *, wait: bool = False) -> None:
         """Swap in ``params`` (train layout, any placement) between two decode chunks.
 
-        In-flight requests continue under the new weights; tokens carry ``version``. The layout
-        conversion and transfer run in the caller's thread, so decoding is not held up.
+        In-flight requests continue under the new weights; tokens carry ``version``. A request
+        submitted after this returns never runs under older weights, even when a scheduling
+        round that began before the update admits it (async PPO's staleness bound relies on
+        it: the trainer publishes, then lets the producers submit at the new version). The
+        layout conversion and transfer run in the caller's thread, so decoding is not held up.
         """
         converted = self._sampler.convert(params)
         with self._cond:
-            self._pending_weights = (converted, version)
+            self._updates_published += 1
+            self._pending_weights = (converted, version, self._updates_published)
             self._cond.notify_all()
             if wait and self._thread is not None:
                 self._cond.wait_for(
@@ -346,7 +355,7 @@ class GenerationServer:
     def _step(self, weights, aborts: set[str], paused: bool, done: list[_Request]) -> bool:
         worked = weights is not None or bool(aborts)
         if weights is not None:
-            self._sampler.params, self._version = weights
+            self._sampler.params, self._version, self._updates_applied = weights
             if self.recompute_kv:
                 for seq in self._slots:
                     if seq is not None:
@@ -377,7 +386,9 @@ class GenerationServer:
         """Fill free slots from the queue and re-prefill sequences whose cache is stale."""
         with self._cond:
             for b, seq in enumerate(self._slots):
-                if seq is None and self._queue:
+                # A request submitted after an update this round has not applied waits for the
+                # next round (FIFO: those behind it were submitted later still).
+                if seq is None and self._queue and self._admissible(self._queue[0]):
                     seq = self._queue.popleft()
                     seq.slot, self._slots[b] = b, seq
         todo = [s for s in self._slots if s is not None and s.needs_prefill]
@@ -411,6 +422,9 @@ class GenerationServer:
                 request.stops, seq.key_data,
             )  # fmt: skip
             seq.needs_prefill = False
+
+    def _admissible(self, seq: _Sequence) -> bool:
+        return seq.request.min_update <= self._updates_applied
 
     def _decode(self, done: list[_Request]) -> None:
         rows = self._rows

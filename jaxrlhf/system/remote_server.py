@@ -113,6 +113,7 @@ class RemoteGenerationServer:
 
     @property
     def version(self) -> int:
+        """The last version sent; ``health()["version"]`` is the one the child has applied."""
         return self._version
 
     def submit(

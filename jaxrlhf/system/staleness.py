@@ -14,9 +14,11 @@ batch is ``batch_size`` groups. With η = ``max_head_offpolicyness`` and trainer
 Why this bounds staleness: by the capacity rule at most ``(d + 1) * B`` groups ever have a
 deadline ``<= d``, and B groups are consumed per version, so EDF meets every deadline: a group
 submitted at s is consumed at a version ``<= s + η``. Its tokens were produced at versions
-``>= s``, so ``V - min(token version) <= η``. Filling a batch with newer finished groups while
-older ones still run would break this (the older ones pile up past their deadline; the
-simulation in ``tests/test_staleness.py`` finds such cases). With η = 0 the trainer takes
+``>= s`` (the trainer publishes version s to the generation server before the buffer stamps any
+group with it, and the server never runs a request under weights older than those published
+when it was submitted), so ``V - min(token version) <= η``. Filling a batch with newer finished
+groups while older ones still run would break this (the older ones pile up past their deadline;
+the simulation in ``tests/test_staleness.py`` finds such cases). With η = 0 the trainer takes
 exactly the groups of the previous submission round: the synchronous algorithm.
 """
 

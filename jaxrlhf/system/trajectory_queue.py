@@ -32,7 +32,9 @@ class TrajectoryBuffer(Protocol):
         """The next train batch: (uid, payload, min version) in submission order."""
 
     def set_version(self, version: int) -> None:
-        """The trainer's new policy version (its weights are already on the generators)."""
+        """The trainer's new policy version; call it after ``update_weights`` returned, so that
+        every group reserved from then on runs under those weights or newer (the server holds
+        requests submitted after an update until it has applied it)."""
 
     def stats(self) -> dict[str, float]:
         """Depth and counters for metrics."""
