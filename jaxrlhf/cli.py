@@ -1,24 +1,35 @@
 """The launcher layer's command line: ``parse_cli`` reads ``[--config FILE] [key=value ...]``
-into a validated Config, and ``main_guard`` turns a user error into one line on stderr."""
+into a validated Config (``--help-config [group]`` prints the schema instead), and
+``main_guard`` turns a user error into one line on stderr."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
 import sys
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
 
 from jaxrlhf.config import Config, load_config
+from jaxrlhf.config.validation import REGISTRY_FIELDS
 from jaxrlhf.errors import USER_ERRORS, ConfigError, DataError
 
-__all__ = ["main_guard", "parse_cli"]
+__all__ = ["config_help", "main_guard", "parse_cli"]
 
-_USAGE = "usage: {prog} [--config FILE.yaml] [dotted.key=value ...]"
+_USAGE = (
+    "usage: {prog} [--config FILE.yaml] [dotted.key=value ...]\n"
+    "       {prog} --help-config [GROUP]   (fields, types, defaults, bounds and help)"
+)
 
 
 def parse_cli(argv: Sequence[str] | None = None, default_config: str | None = None) -> Config:
-    """A launcher's command line: ``[--config FILE] [key=value ...]`` -> validated Config."""
+    """A launcher's command line: ``[--config FILE] [key=value ...]`` -> validated Config.
+    ``--help-config [GROUP]`` prints `config_help` and exits."""
     args = list(sys.argv[1:] if argv is None else argv)
     path, overrides = default_config, []
     i = 0
@@ -26,6 +37,12 @@ def parse_cli(argv: Sequence[str] | None = None, default_config: str | None = No
         arg = args[i]
         if arg in ("-h", "--help"):
             print(_USAGE.format(prog=Path(sys.argv[0]).name))
+            raise SystemExit(0)
+        if arg == "--help-config" or arg.startswith("--help-config="):
+            group = arg.partition("=")[2] or None
+            if group is None and i + 1 < len(args) and not args[i + 1].startswith("-"):
+                group = args[i + 1]
+            print(config_help(group), end="")
             raise SystemExit(0)
         if arg in ("-c", "--config"):
             if i + 1 >= len(args):
@@ -41,6 +58,93 @@ def parse_cli(argv: Sequence[str] | None = None, default_config: str | None = No
         i += 1
     return load_config(path, overrides)
 
+
+# ----------------------------------------------------------------------------- --help-config
+
+
+def config_help(group: str | None = None) -> str:
+    """The schema as text: for every group (or only ``group``, e.g. ``algorithm`` or
+    ``actor.optimizer``) one line per field, ``  key: type = default  (bounds)``, then its help
+    (and, for a field naming a registry entry, the registered names). Defaults are those of an
+    empty config, resolved."""
+    groups = dict(_groups(Config, Config(), ""))
+    if group is not None and group not in groups:
+        close = difflib.get_close_matches(group, list(groups), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "groups are " + ", ".join(groups)
+        raise ConfigError(f"--help-config: unknown config group {group!r}; {hint}")
+    chosen = [g for g in groups if group is None or g == group or g.startswith(f"{group}.")]
+    return "\n".join(groups[g] for g in chosen)
+
+
+def _groups(cls: type, value: Any, prefix: str) -> Iterator[tuple[str, str]]:
+    """(dotted group name, its help block) for ``cls``'s subgroups, depth first; ``value`` is
+    the group's default instance (None for an optional group: its class defaults)."""
+    hints = get_type_hints(cls)
+    value = cls() if value is None else value
+    lines: list[str] = []
+    subgroups: list[tuple[str, type, Any]] = []
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}.{f.name}" if prefix else f.name, hints[f.name]
+        sub = _group_class(tp)
+        if sub is not None:
+            subgroups.append((key, sub, getattr(value, f.name)))
+            if prefix:
+                lines.append(f"  {key}: {_type_text(tp)}  (group, below)")
+                lines.append(f"      {f.metadata['help']}")
+            continue
+        bounds = _bounds_text(f.metadata)
+        lines.append(f"  {key}: {_type_text(tp)} = {_yaml(getattr(value, f.name))}{bounds}")
+        lines.append(f"      {f.metadata['help']}")
+        if key in REGISTRY_FIELDS:
+            lines.append(f"      registered: {', '.join(REGISTRY_FIELDS[key].names())}")
+    if prefix:
+        title = (cls.__doc__ or "").strip().split("\n\n")[0]
+        yield prefix, f"[{prefix}] {' '.join(title.split())}\n" + "".join(f"{ln}\n" for ln in lines)
+    for key, sub, sub_value in subgroups:
+        yield from _groups(sub, sub_value, key)
+
+
+def _group_class(tp: Any) -> type | None:
+    """The dataclass behind ``tp`` (itself or inside Optional), or None for a plain value."""
+    classes = [a for a in (get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
+    return classes[0] if classes else None
+
+
+def _type_text(tp: Any) -> str:
+    """A type hint as Python source (``float | None``, ``Literal['sync', 'async']``)."""
+    if tp is type(None):
+        return "None"
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_text(a) for a in args)
+    if origin is not None:
+        inner = ", ".join("..." if a is Ellipsis else _type_text(a) for a in args)
+        return f"{origin.__name__}[{inner}]"
+    return tp.__name__ if isinstance(tp, type) else str(tp)
+
+
+def _yaml(value: Any) -> str:
+    """A default as YAML (``null``, ``[0.9, 0.999]``, ``'gae'``)."""
+    plain = list(value) if isinstance(value, tuple) else value
+    text = yaml.safe_dump(plain, default_flow_style=True, width=1000).strip()
+    return text.removesuffix("\n...").removesuffix(" ...")
+
+
+_BOUND_WORDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _bounds_text(meta: Any) -> str:
+    """``  (> 0 and < 1)``, ``  (>= 1 or -1)``, or nothing for an unbounded field."""
+    bounds = [f"{word} {meta[k]}" for k, word in _BOUND_WORDS.items() if k in meta]
+    if not bounds:
+        return ""
+    also = "".join(f" or {_yaml(v)}" for v in meta.get("also", ()))
+    return f"  ({' and '.join(bounds)}{also})"
+
+
+# ----------------------------------------------------------------------------- main_guard
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -262,9 +262,9 @@ class AlgorithmConfig:
     """The RL objective: advantage estimator, policy loss, KL and the PPO update loop."""
 
     advantage_estimator: str = _field(
-        "gae", help="an ADVANTAGE_ESTIMATORS name (gae, grpo, dr_grpo, rloo, reinforce_pp, ...)"
+        "gae", help="how advantages are computed (a registered advantage estimator)"
     )
-    policy_loss: str = _field("ppo", help="a POLICY_LOSSES name (ppo, gspo, ...)")
+    policy_loss: str = _field("ppo", help="the actor loss (a registered policy loss)")
     eps_clip: float = _field(0.2, gt=0, lt=1, help="PPO ratio clip ε (low side)")
     eps_clip_high: float | None = _field(
         None, gt=0, help="upper ratio clip (DAPO clip-higher); None: eps_clip"
@@ -276,7 +276,9 @@ class AlgorithmConfig:
     gamma: float = _field(1.0, ge=0, le=1, help="discount γ")
     lam: float = _field(1.0, ge=0, le=1, help="GAE λ")
     kl_coef: float = _field(0.0, ge=0, help="weight of the KL to the reference; 0: no KL")
-    kl_estimator: str = _field("k3", help="a KL_ESTIMATORS name (k1, k2, k3)")
+    kl_estimator: str = _field(
+        "k3", help="how the KL to the reference is estimated (a registered KL estimator)"
+    )
     kl_in_reward: bool = _field(
         False, help="true: subtract the KL from rewards; false: add it to the loss"
     )
@@ -284,7 +286,8 @@ class AlgorithmConfig:
     ppo_epochs: int = _field(1, ge=1, help="passes over each batch of trajectories")
     n_minibatches: int = _field(1, ge=1, help="optimizer steps per epoch")
     loss_agg: str | None = _field(
-        None, help="a LOSS_AGGREGATIONS name; None: the policy loss's / estimator's default"
+        None,
+        help="a registered loss aggregation; None: the policy loss's, else the estimator's default",
     )
     loss_norm_constant: float | None = _field(
         None, gt=0, help="divisor of seq_mean_token_sum_norm; None: the estimator's default"
