@@ -3,8 +3,10 @@
 Selected by name from the config through the registries: ``algorithm.policy_loss`` ->
 `POLICY_LOSSES` (ppo, gspo), ``algorithm.advantage_estimator`` -> `ADVANTAGE_ESTIMATORS`
 (gae, grpo, dr_grpo, rloo, reinforce_pp), KL estimators -> `KL_ESTIMATORS` (k1, k2, k3), loss
-aggregation -> `LOSS_AGGREGATIONS`. String arguments (estimator, aggregation, method) are
-static: close over them (``functools.partial``) or mark them static when jitting.
+aggregation -> `LOSS_AGGREGATIONS`. The supervised objectives (`masked_nll` for SFT,
+`bradley_terry` for reward models) are plain functions. String arguments (estimator,
+aggregation, method) are static: close over them (``functools.partial``) or mark them static
+when jitting.
 
 Each entry carries its metadata (``REGISTRY.info(name)``; see `registries`): a new estimator or
 loss is one function plus `register_advantage_estimator` / `register_policy_loss`.
@@ -47,9 +49,11 @@ from jaxrlhf.algorithms.registries import (
     LOSS_AGGREGATIONS,
     POLICY_LOSSES,
     effective_loss_aggregation,
+    effective_truncation,
     register_advantage_estimator,
     register_policy_loss,
 )
+from jaxrlhf.algorithms.supervised import bradley_terry, masked_nll
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -60,8 +64,10 @@ __all__ = [
     "Denominators",
     "aggregate",
     "behaviour_weights",
+    "bradley_terry",
     "critic_loss",
     "effective_loss_aggregation",
+    "effective_truncation",
     "entropy_bonus",
     "entropy_from_logits",
     "gae",
@@ -75,6 +81,7 @@ __all__ = [
     "masked_max",
     "masked_mean",
     "masked_min",
+    "masked_nll",
     "masked_sum",
     "masked_var",
     "masked_whiten",

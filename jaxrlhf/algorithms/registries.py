@@ -117,3 +117,25 @@ def effective_loss_aggregation(
     if loss_norm_constant is not None:
         return mode, float(loss_norm_constant)
     return mode, float(max_new_tokens)
+
+
+def effective_truncation(truncation: str | None, estimator: str) -> str:
+    """How a response cut at ``generation.max_new_tokens`` ends: ``"bootstrap"`` (its last
+    token's successor has the critic's value) or ``"terminal"``.
+
+    None resolves to bootstrap for an estimator that ``needs_values`` (a critic) and to terminal
+    otherwise; ``"bootstrap"`` without values has nothing to bootstrap from and raises ValueError.
+    """
+    needs_values = ADVANTAGE_ESTIMATORS.info(estimator).get("needs_values", False)
+    if truncation is None:
+        return "bootstrap" if needs_values else "terminal"
+    if truncation not in ("bootstrap", "terminal"):
+        raise ValueError(
+            f"algorithm.truncation must be 'bootstrap', 'terminal' or null, got {truncation!r}."
+        )
+    if truncation == "bootstrap" and not needs_values:
+        raise ValueError(
+            f"algorithm.truncation 'bootstrap' needs a critic's values, but "
+            f"algorithm.advantage_estimator {estimator!r} uses none; use 'terminal' or null."
+        )
+    return truncation

@@ -87,6 +87,17 @@ def _check_cross_fields(cfg: Config) -> None:
             "reward_model.weight and reward_model.rule_weight are both 0, so every reward is 0",
         ),
         (
+            a.overlong_buffer_len is not None and a.overlong_buffer_len > g.max_new_tokens,
+            f"algorithm.overlong_buffer_len ({a.overlong_buffer_len}) must be <= "
+            f"generation.max_new_tokens ({g.max_new_tokens})",
+        ),
+        (
+            a.truncation == "bootstrap" and not estimator.get("needs_values", False),
+            f"algorithm.truncation 'bootstrap' needs a critic's values, but "
+            f"algorithm.advantage_estimator {a.advantage_estimator!r} uses none; use "
+            "'terminal' or null",
+        ),
+        (
             g.min_new_tokens > g.max_new_tokens,
             f"generation.min_new_tokens ({g.min_new_tokens}) must be <= "
             f"generation.max_new_tokens ({g.max_new_tokens})",
