@@ -55,11 +55,9 @@ def child(args: argparse.Namespace) -> None:
          f"experiment.seed={args.seed}", f"experiment.max_head_offpolicyness={args.eta}",
          *MODE_OVERRIDES[args.child], *args.set],
     )  # fmt: skip
-    if args.child == "async":
-        from jaxrlhf.system.async_ppo import AsyncPPOCoordinator as Coordinator
-    else:
-        from jaxrlhf.system.coordinator import PPOCoordinator as Coordinator
-    coord = Coordinator(cfg)
+    from jaxrlhf.system.coordinator import PPOCoordinator
+
+    coord = PPOCoordinator(cfg)  # experiment.mode picks the generation strategy
     start = time.perf_counter()
     with coord.logger:
         coord.run()

@@ -12,7 +12,7 @@ moves over the benchmark's steps, so both modes see the same workload (compare t
 
 * ``sync``: `PPOCoordinator` in one process with every core: generate (the whole batch waits for
   its longest response), reward, update, weight sync.
-* ``async``: `AsyncPPOCoordinator` with ``async_ppo.generator=process``: the trainer process is
+* ``async``: `PPOCoordinator` (`AsyncGeneration`) with ``async_ppo.generator=process``: the trainer process is
   pinned to the last core, the generation server runs in its own process on the other core(s)
   with its own XLA device (XLA:CPU runs every device of one process on a shared thread pool, so a
   separate process is the real disaggregation here; on accelerators the thread + sub-mesh path
@@ -81,11 +81,9 @@ def child(args: argparse.Namespace) -> None:
     cfg = load_config(
         os.path.join(ROOT, "configs", "toy_ppo.yaml"), overrides(args, args.child, out)
     )
-    if args.child == "async":
-        from jaxrlhf.system.async_ppo import AsyncPPOCoordinator as Coordinator
-    else:
-        from jaxrlhf.system.coordinator import PPOCoordinator as Coordinator
-    coord = Coordinator(cfg)
+    from jaxrlhf.system.coordinator import PPOCoordinator
+
+    coord = PPOCoordinator(cfg)  # experiment.mode picks the generation strategy
     rows, lens = [], []
     start = None
     produced = 0.0
@@ -95,16 +93,16 @@ def child(args: argparse.Namespace) -> None:
             if i == args.warmup:
                 start = time.perf_counter()
                 if args.child == "async":
-                    produced = -coord.producer.counters()["samples"]
-                    gen_compile = -coord.server.health().get("compile_s", float("nan"))
+                    produced = -coord.generation.producer.counters()["samples"]
+                    gen_compile = -coord.generation.server.health().get("compile_s", float("nan"))
             m = coord.train_step()
             rows.append({k: float(v) for k, v in m.items() if isinstance(v, int | float)})
             if i >= args.warmup:
                 lens += coord.last_trajectories.response_lens.tolist()
         wall = time.perf_counter() - start
         if args.child == "async":
-            produced += coord.producer.counters()["samples"]
-            gen_compile += coord.server.health().get("compile_s", float("nan"))
+            produced += coord.generation.producer.counters()["samples"]
+            gen_compile += coord.generation.server.health().get("compile_s", float("nan"))
     finally:
         if args.child == "async":
             coord.close()

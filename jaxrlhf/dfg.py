@@ -22,12 +22,14 @@ An MFC names its implementation by ``interface`` (a name in `MFC_INTERFACES`, e.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, get_args
 
+from jaxrlhf.algorithms import ADVANTAGE_ESTIMATORS, effective_truncation
 from jaxrlhf.config import Config, ConfigError
 from jaxrlhf.registry import Registry
 
@@ -40,10 +42,13 @@ __all__ = [
     "DataflowError",
     "DataflowGraph",
     "InterfaceType",
+    "MFCInputs",
     "MicroBatchSpec",
     "Role",
     "algorithm_label",
     "build_graph",
+    "run_graph",
+    "run_mfc",
 ]
 
 Role = Literal["actor", "critic", "ref", "reward"]
@@ -51,8 +56,9 @@ InterfaceType = Literal["generate", "inference", "train", "compute"]
 ROLES: tuple[str, ...] = get_args(Role)
 INTERFACE_TYPES: tuple[str, ...] = get_args(InterfaceType)
 
-# Keys each prompt record brings from the dataset; everything else is produced by an MFC.
-DATASET_KEYS: tuple[str, ...] = ("prompt_ids", "answers")
+# Keys each step's prompt batch brings from the dataset (the `PromptBatch` itself, its token
+# ids and reference answers); everything else is produced by an MFC.
+DATASET_KEYS: tuple[str, ...] = ("prompt_batch", "prompt_ids", "answers")
 
 # Implementations of MFC interfaces, looked up by `MFC.interface` (filled by jaxrlhf.interfaces).
 MFC_INTERFACES: Registry[Any] = Registry("MFC interface")
@@ -62,14 +68,6 @@ _ENABLE_HINT = {
     "critic": "critic.enabled=true",
     "ref": "ref.enabled=true",
     "reward": "reward_model.enabled=true",
-}
-
-_ESTIMATOR_LABELS = {
-    "gae": "PPO",
-    "grpo": "GRPO",
-    "dr_grpo": "Dr.GRPO",
-    "rloo": "RLOO",
-    "reinforce_pp": "REINFORCE++",
 }
 
 
@@ -370,14 +368,91 @@ class DataflowGraph:
         return f"DataflowGraph({self.name!r}, order={list(self.order)})"
 
 
+# ---------------------------------------------------------------------------- running a graph
+
+
+class MFCInputs(Mapping[str, Any]):
+    """The step's data as one MFC sees it: its declared inputs, read-only.
+
+    Reading a key the MFC does not declare is a `DataflowError` naming it (``in`` answers False
+    for such a key, so optional inputs are tested with ``in``); every read is recorded in
+    ``read``, which tests compare with the declaration.
+    """
+
+    def __init__(self, mfc: MFC, data: Mapping[str, Any]) -> None:
+        self._mfc, self._data = mfc, data
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._mfc.inputs:
+            raise DataflowError(
+                f"MFC {self._mfc.name!r} read key {key!r}, which it does not declare as an "
+                f"input (inputs: {', '.join(self._mfc.inputs) or 'none'})"
+            )
+        self.read.add(key)
+        return self._data[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._mfc.inputs and key in self._data
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in self._mfc.inputs if k in self._data)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def run_mfc(mfc: MFC, impl: Any, ctx: Any, data: Mapping[str, Any]) -> tuple[dict, set[str]]:
+    """Call ``impl.<interface_type>(ctx, mfc, inputs)``; returns its outputs (exactly the
+    declared ones, else a `DataflowError` naming the key) and the keys it read."""
+    inputs = MFCInputs(mfc, data)
+    outputs = getattr(impl, mfc.interface_type)(ctx, mfc, inputs)
+    extra = [k for k in outputs if k not in mfc.outputs]
+    if extra:
+        raise DataflowError(
+            f"MFC {mfc.name!r} wrote key {extra[0]!r}, which it does not declare as an output "
+            f"(outputs: {', '.join(mfc.outputs) or 'none'})"
+        )
+    missing = [k for k in mfc.outputs if k not in outputs]
+    if missing:
+        raise DataflowError(f"MFC {mfc.name!r} did not produce its declared output {missing[0]!r}")
+    return dict(outputs), inputs.read
+
+
+def run_graph(
+    graph: DataflowGraph,
+    impls: Mapping[str, Any],
+    ctx: Any,
+    data: dict[str, Any],
+    *,
+    timer: Any = None,
+    on_output: Any = None,
+) -> dict[str, Any]:
+    """Run every MFC of ``graph`` in topological order over ``data`` (the dataset keys), adding
+    each MFC's outputs; ``timer(name)`` (a context manager) times each call, ``on_output(name,
+    outputs, read)`` sees each result (e.g. to wait for device work or record reads)."""
+    missing = [k for k in graph.dataset_keys if k not in data]
+    if missing:
+        raise DataflowError(f"the step's data lacks dataset key {missing[0]!r}")
+    for name in graph.order:
+        mfc = graph[name]
+        with timer(name) if timer is not None else contextlib.nullcontext():
+            outputs, read = run_mfc(mfc, impls[name], ctx, data)
+            if on_output is not None:
+                on_output(name, outputs, read)
+        data.update(outputs)
+    return data
+
+
 # ---------------------------------------------------------------------------- from the config
 
 
 def algorithm_label(cfg: Config) -> str:
     """E.g. ``PPO + ref, sync`` or ``GRPO + reward model, async, decoupled loss``."""
     a = cfg.algorithm
-    parts = [_ESTIMATOR_LABELS[a.advantage_estimator]]
-    parts += ["critic"] if cfg.use_critic and a.advantage_estimator != "gae" else []
+    est = ADVANTAGE_ESTIMATORS.info(a.advantage_estimator)
+    parts = [est.get("label", a.advantage_estimator)]
+    parts += ["critic"] if cfg.use_critic and not est.get("needs_values") else []
     parts += ["ref"] if cfg.use_ref else []
     parts += ["reward model"] if cfg.reward_model.enabled else []
     label = " + ".join(parts) + f", {cfg.experiment.mode}"
@@ -388,7 +463,9 @@ def build_graph(cfg: Config) -> DataflowGraph:
     """The validated MFC graph of one RL step for ``cfg`` (see the module docstring)."""
     a, g = cfg.algorithm, cfg.generation
     critic, ref, rm = cfg.use_critic, cfg.use_ref, cfg.reward_model.enabled
-    prox = cfg.experiment.mode == "async" and a.decoupled_loss
+    is_async = cfg.experiment.mode == "async"
+    # Async "fused": π_prox is stop_gradient(π_θ) inside the single update, no separate pass.
+    prox = is_async and a.decoupled_loss and cfg.async_ppo.proximal == "recompute"
     seq = ("input_ids", "response_mask")
 
     def model_call(name: str, role: Role, interface: str, out: str, tokens: int) -> MFC:
@@ -396,22 +473,26 @@ def build_graph(cfg: Config) -> DataflowGraph:
             name, role, "inference", interface, seq, (out,), MicroBatchSpec(max_tokens=tokens)
         )
 
+    gen_options: dict[str, Any] = {"n_samples": g.n_samples, "max_new_tokens": g.max_new_tokens}
+    if is_async:
+        gen_options |= {"source": "async server", "eta": cfg.experiment.max_head_offpolicyness}
     mfcs = [
         MFC(
             "actor_gen",
             "actor",
             "generate",
             "ppo_actor",
-            inputs=("prompt_ids",),
-            outputs=(*seq, "behav_logprobs", "versions", "truncated"),
-            options={"n_samples": g.n_samples, "max_new_tokens": g.max_new_tokens},
+            # sync: this step's prompt batch; async: finished groups from the generation server
+            inputs=() if is_async else ("prompt_batch",),
+            outputs=("trajectories", *seq, "behav_logprobs", "versions", "truncated"),
+            options=gen_options,
         ),
         MFC(
             "rew_inf",
             None,
             "compute",
             "rule_reward",
-            inputs=(*seq, "answers"),
+            inputs=("trajectories",),  # decoded responses, prompts and answers
             outputs=("scores",),
             options={"fn": cfg.reward.fn or "task verifier"},
         ),
@@ -433,11 +514,19 @@ def build_graph(cfg: Config) -> DataflowGraph:
     kl_penalty = ref and a.kl_in_reward and a.kl_coef > 0
     adv_in = ["response_mask", "scores"]
     adv_in += ["rm_scores"] if rm else []  # summed with the rule-based scores
-    adv_in += ["values"] if a.advantage_estimator == "gae" else []
+    est = ADVANTAGE_ESTIMATORS.info(a.advantage_estimator)
+    adv_in += ["values"] if est.get("needs_values") else []
+    # Truncated responses bootstrap from the critic's value at the cut (GAE), or end there.
+    bootstrap = effective_truncation(a.truncation, a.advantage_estimator) == "bootstrap"
+    adv_in += ["truncated"] if bootstrap else []
     adv_in += ["ref_logprobs", "prox_logprobs" if prox else "behav_logprobs"] if kl_penalty else []
     adv_options: dict[str, Any] = {"estimator": a.advantage_estimator}
-    if a.advantage_estimator != "gae":
+    if est.get("group"):
         adv_options["group_size"] = g.n_samples
+    if bootstrap:
+        adv_options["truncation"] = "bootstrap"
+    if a.overlong_buffer_len is not None:
+        adv_options["overlong_buffer_len"] = a.overlong_buffer_len
     if rm:
         adv_options["rewards"] = "scores + rm_scores"
     mfcs.append(
@@ -484,4 +573,6 @@ def build_graph(cfg: Config) -> DataflowGraph:
 
     built = (critic, ref, rm)
     models = ["actor"] + [r for on, r in zip(built, ("critic", "ref", "reward"), strict=True) if on]
-    return DataflowGraph(mfcs, models=models, name=algorithm_label(cfg))
+    # Async: the generation server reads the prompts itself; the step's data starts empty.
+    keys = () if is_async else DATASET_KEYS
+    return DataflowGraph(mfcs, dataset_keys=keys, models=models, name=algorithm_label(cfg))

@@ -41,11 +41,8 @@ def _run(cfg) -> dict:
 
     if distributed.is_main():
         print(config_to_yaml(cfg))
-    if cfg.experiment.mode == "async":  # generation and training overlapped (docs/async.md)
-        from jaxrlhf.system.async_ppo import AsyncPPOCoordinator as Coordinator
-    else:
-        Coordinator = PPOCoordinator
-    coordinator = Coordinator(cfg)
+    # experiment.mode: async overlaps generation and training (docs/async.md)
+    coordinator = PPOCoordinator(cfg)
     with coordinator.logger as logger:
         summary = coordinator.run()
     if not distributed.is_main():  # process 0 reports; the others only compute

@@ -14,7 +14,7 @@ from jaxrlhf.generation.types import SamplingParams
 from jaxrlhf.models import ModelHandle, init_model
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.rewards.base import REWARDS
-from jaxrlhf.system.async_ppo import AsyncPPOCoordinator, parse_allocation
+from jaxrlhf.system.async_ppo import parse_allocation
 from jaxrlhf.system.async_rollout import group_trajectories
 from jaxrlhf.system.coordinator import PPOCoordinator
 
@@ -53,13 +53,13 @@ def test_eta_zero_reproduces_sync(tmp_path):
     sync = PPOCoordinator(_config(tmp_path / "s"))
     sync_metrics = [sync.train_step() for _ in range(steps)]
     cfg = _config(tmp_path / "a", "experiment.mode=async", "async_ppo.allocation=gen=2,train=2")
-    coord = AsyncPPOCoordinator(cfg)
+    coord = PPOCoordinator(cfg)
     try:
         async_metrics = [coord.train_step() for _ in range(steps)]
     finally:
         coord.close()
     assert {d.id for d in coord.mesh.devices.flat}.isdisjoint(
-        d.id for d in coord.gen_mesh.devices.flat
+        d.id for d in coord.generation.gen_mesh.devices.flat
     )
     for s, a in zip(sync_metrics, async_metrics, strict=True):
         assert a["async/staleness_max"] == 0.0
@@ -94,11 +94,11 @@ def test_slow_generator_fast_trainer_bounds_staleness_and_keeps_versions(tmp_pat
             super().update_weights(params, version, **kw)
 
     # Build with the default server, then swap in the recording one on the same gen mesh.
-    coord = AsyncPPOCoordinator(cfg)
-    coord.server.close()
+    coord = PPOCoordinator(cfg)
+    coord.generation.server.close()
     snapshots[0] = jax.device_get(coord.models.actor.params)
-    handle = ModelHandle(coord.models.actor_cfg, coord.models.actor.params, coord.gen_mesh)
-    coord.server = Recording(
+    handle = ModelHandle(coord.models.actor_cfg, coord.models.actor.params, coord.generation.gen_mesh)
+    coord.generation.server = Recording(
         handle, max_slots=8, max_seq_len=22, decode_chunk=1,
         eos_token_id=coord.tokenizer.eos_token_id, seed=0,
     )  # fmt: skip
@@ -108,8 +108,8 @@ def test_slow_generator_fast_trainer_bounds_staleness_and_keeps_versions(tmp_pat
             version = coord.version
             metrics = coord.train_step()
             assert metrics["async/staleness_max"] <= eta
-            lags += [version - v for v in coord.consumed_min_versions]
-            used += coord.consumed_uids
+            lags += [version - v for v in coord.generation.consumed_min_versions]
+            used += coord.generation.consumed_uids
             traj = coord.last_trajectories
             rows = (traj.input_ids, traj.response_mask, traj.behav_logprobs, traj.versions)
             for ids, mask, behav, vers in zip(*rows, strict=True):
@@ -158,7 +158,7 @@ def test_request_spanning_a_weight_update_has_two_versions():
 
 def test_group_stamped_at_a_new_version_never_runs_under_the_old_one():
     """The staleness race, forced: the trainer publishes v1 and bumps the buffer (as
-    ``AsyncPPOCoordinator.train_step`` does) while the server is in a round begun under v0, and
+    ``AsyncGeneration.publish`` does) while the server is in a round begun under v0, and
     the producer submits a group stamped v1 in that window. With η = 0 the group must be all
     v1; it used to start under v0, and taking it raised `StalenessError`."""
     from jaxrlhf.config import GenerationConfig
@@ -213,19 +213,19 @@ def test_generator_in_its_own_process(tmp_path):
     eta, steps = 1, 3
     cfg = _config(tmp_path, "experiment.mode=async", f"experiment.max_head_offpolicyness={eta}",
                   "async_ppo.generator=process", "async_ppo.allocation=gen=1,train=4")  # fmt: skip
-    coord = AsyncPPOCoordinator(cfg)
+    coord = PPOCoordinator(cfg)
     used = []
     try:
         for _ in range(steps):
             metrics = coord.train_step()
             assert metrics["async/staleness_max"] <= eta
-            used += coord.consumed_uids
+            used += coord.generation.consumed_uids
         assert len(used) == len(set(used)) == steps * cfg.data.batch_size
         deadline = time.monotonic() + 30  # the child applies weights at its next chunk boundary
-        while coord.server.health()["version"] != steps and time.monotonic() < deadline:
+        while coord.generation.server.health()["version"] != steps and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert coord.server.health()["version"] == steps
-        coord.server._process.kill()
+        assert coord.generation.server.health()["version"] == steps
+        coord.generation.server._process.kill()
         # Either side may notice first: the producer (its submit fails) or the trainer (sending
         # the next weights fails); both are one clear error, never a hang.
         dead = "rollout producer failed|generation process 'async-gen' .* is gone"
@@ -248,7 +248,7 @@ def test_allocation_errors(tmp_path):
         with pytest.raises(ConfigError, match=r"async_ppo\.allocation"):
             parse_allocation(bad, 4)
     with pytest.raises(ConfigError, match=r"async_ppo\.allocation"):
-        AsyncPPOCoordinator(_config(tmp_path, "experiment.mode=async",
+        PPOCoordinator(_config(tmp_path, "experiment.mode=async",
                                     "async_ppo.allocation=gen=3,train=3"))  # fmt: skip
     with pytest.raises(ConfigError, match="fused"):
         _config(tmp_path, "experiment.mode=async", "async_ppo.proximal=fused",
@@ -271,21 +271,21 @@ def test_resume_regenerates_in_flight_groups_and_keeps_the_capacity_rule(tmp_pat
             metrics = coord.train_step()
             assert metrics["async/staleness_max"] <= eta
             traj = coord.last_trajectories
-            for j, gid in enumerate(coord.consumed_gids):
+            for j, gid in enumerate(coord.generation.consumed_gids):
                 assert gid not in prompts, f"group {gid} trained twice"
                 prompts[gid] = traj.prompts[j * traj.group_size]
 
-    coord = AsyncPPOCoordinator(cfg)
+    coord = PPOCoordinator(cfg)
     try:
         train(coord, first)
         time.sleep(0.5)  # let the producer run ahead: groups in flight and buffered at the save
-        ahead = coord.buffer.stats()["async/submitted"] - first * B
+        ahead = coord.generation.buffer.stats()["async/submitted"] - first * B
         coord.save()
         coord.checkpointer.wait()
     finally:
         coord.close()
     assert ahead > 0  # the save really dropped in-flight work from this process
-    resumed = AsyncPPOCoordinator(cfg)
+    resumed = PPOCoordinator(cfg)
     try:
         assert (resumed.step, resumed.version) == (first, first)
         train(resumed, second)

@@ -242,7 +242,7 @@ def test_missing_key_names_key_and_consumer() -> None:
     message = error_of(DataflowGraph, mfcs)
     assert message == (
         "MFC 'actor_train' needs key 'advantages', but no MFC produces it and the dataset "
-        "does not provide it (dataset keys: prompt_ids, answers)"
+        "does not provide it (dataset keys: prompt_batch, prompt_ids, answers)"
     )
 
 
@@ -314,7 +314,7 @@ def test_describe_lists_stages_mfcs_keys_and_edges() -> None:
     assert lines[:3] == [
         "dataflow graph: PPO + ref, sync",
         "models: actor, critic, ref",
-        "dataset keys: prompt_ids, answers",
+        "dataset keys: prompt_batch, prompt_ids, answers",
     ]
     assert "stage 2: rew_inf, ref_inf, critic_inf" in lines
     assert "stage 4: actor_train, critic_train" in lines
@@ -324,7 +324,7 @@ def test_describe_lists_stages_mfcs_keys_and_edges() -> None:
     assert "estimator=gae" in lines[adv]
     assert lines[adv + 1].split() == ["in", ":", "response_mask,", "scores,", "values"]
     assert lines[adv + 2].split() == ["out:", "advantages,", "returns"]
-    assert "  actor_gen -> rew_inf [input_ids, response_mask]" in lines
+    assert "  actor_gen -> rew_inf [trajectories]" in lines  # decoded texts and answers
     assert "  advantages -> critic_train [returns]" in lines
     edges = lines[lines.index("edges:") + 1 :]
     assert len(edges) == len(graph_for("algorithm.kl_coef=0.1").edges)

@@ -1,12 +1,16 @@
-"""Build a model from the experiment config: load an HF checkpoint or initialise from scratch."""
+"""Build the models of a run from the experiment config: load an HF checkpoint or initialise
+from scratch (`build_model`), and the models derived from the actor (`build_reference`,
+`build_critic`)."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jaxrlhf.config import ModelConfig
+from jaxrlhf.config import CriticConfig, ModelConfig, RefConfig
 from jaxrlhf.models.config import RopeConfig, TransformerConfig
-from jaxrlhf.models.handle import ModelHandle, init_model
+from jaxrlhf.models.handle import ModelHandle, init_model, param_shardings
 from jaxrlhf.models.hf_io import from_pretrained
 
 
@@ -68,3 +72,61 @@ def build_model(
     return init_model(
         transformer_config(cfg), seed, mesh=mesh, lm_head=lm_head, value_head=value_head
     )
+
+
+def derived_model(
+    base: ModelHandle,
+    *,
+    param_dtype: str,
+    compute_dtype: str,
+    remat: bool | None = None,
+    value_head: bool = False,
+) -> ModelHandle:
+    """A model that starts from ``base``'s weights in its own dtypes (a fresh copy: train steps
+    donate their state). ``value_head``: the trunk without the LM head plus a zero-initialised
+    scalar head (a critic that starts at V = 0)."""
+    cfg = base.config.replace(param_dtype=param_dtype, compute_dtype=compute_dtype)
+    if remat is not None:
+        cfg = cfg.replace(remat=remat)
+    dtype = jnp.dtype(param_dtype)
+    params = {k: v for k, v in base.params.items() if not (value_head and k == "lm_head")}
+    params = jax.tree.map(lambda a: jnp.array(a, dtype=dtype, copy=True), params)
+    lm_head = "lm_head" in params
+    if value_head:
+        params["value_head"] = {
+            "kernel": jnp.zeros((cfg.hidden_size,), dtype),
+            "bias": jnp.zeros((), dtype),
+        }
+    shardings = param_shardings(cfg, base.mesh, lm_head=lm_head, value_head=value_head)
+    return ModelHandle(cfg, jax.device_put(params, shardings), base.mesh)
+
+
+def build_critic(cfg: CriticConfig, actor: ModelHandle, *, mesh: Mesh | None = None) -> ModelHandle:
+    """The value model: ``cfg.path`` with a fresh value head, or the actor's trunk."""
+    if cfg.path is not None:
+        return from_pretrained(
+            cfg.path,
+            cfg.param_dtype,
+            compute_dtype=cfg.compute_dtype,
+            mesh=mesh,
+            remat=cfg.remat,
+            lm_head=False,
+            value_head=True,
+        )
+    return derived_model(
+        actor,
+        param_dtype=cfg.param_dtype,
+        compute_dtype=cfg.compute_dtype,
+        remat=cfg.remat,
+        value_head=True,
+    )
+
+
+def build_reference(cfg: RefConfig, actor: ModelHandle, *, mesh: Mesh | None = None) -> ModelHandle:
+    """The frozen reference policy: ``cfg.path``, or the actor's initial weights, in the
+    reference's own dtypes either way."""
+    if cfg.path is not None:
+        return from_pretrained(
+            cfg.path, cfg.param_dtype, mesh=mesh, compute_dtype=cfg.compute_dtype
+        )
+    return derived_model(actor, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)

@@ -1,38 +1,40 @@
 """Asynchronous PPO (`main_async_ppo`): generation and training at once, on disjoint devices.
 
-`AsyncPPOCoordinator` is the sync `PPOCoordinator` with the rollout taken out of the step:
+`AsyncGeneration` is the `GenerationStrategy` a `PPOCoordinator` runs with in
+``experiment.mode: async``; the graph and the train step are the sync ones:
 
 * the devices split into a generation sub-mesh and a train sub-mesh (``async_ppo.allocation``);
   models and train states live on the train mesh, a continuous-batching `GenerationServer` on the
   generation mesh, in a thread (``async_ppo.generator: thread``) or its own process (``process``);
 * a `RolloutProducer` thread keeps the server fed, throttled by the capacity rule, and puts
   finished groups in a `TrajectoryQueue`;
-* each train step takes the next batch the selection rule allows (every group at most η versions
-  behind), runs the rest of the graph (rewards, ref / proximal log-probs, advantages, updates),
-  then ``update_weights`` sends the new actor weights to the server, where they are re-laid onto
-  the generation mesh (``jax.device_put``) and applied between decode chunks, and the buffer
-  learns the new version.
+* each train step's ``actor_gen`` takes the next batch the selection rule allows (every group
+  at most η versions behind), the rest of the graph runs on it (rewards, ref / proximal
+  log-probs, advantages, updates), then `publish` sends the new actor weights to the server,
+  where they are re-laid onto the generation mesh (``jax.device_put``) and applied between
+  decode chunks, and the buffer learns the new version.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 
-from jaxrlhf.checkpoint import HostState
 from jaxrlhf.config import Config, ConfigError
 from jaxrlhf.generation.server import GenerationServer
-from jaxrlhf.logging import MetricsLogger, compile_totals
 from jaxrlhf.models import ModelHandle, make_mesh
 from jaxrlhf.system.async_rollout import RolloutProducer, concat_trajectories
-from jaxrlhf.system.coordinator import PPOCoordinator
+from jaxrlhf.system.rollout import Trajectories
 from jaxrlhf.system.staleness import staleness_histogram
 from jaxrlhf.system.trajectory_queue import TrajectoryQueue
+
+if TYPE_CHECKING:
+    from jaxrlhf.system.coordinator import PPOCoordinator
+    from jaxrlhf.system.mfcs import StepContext
 
 _ALLOCATION = re.compile(r"^\s*gen\s*=\s*(\d+)\s*,\s*train\s*=\s*(\d+)\s*$")
 
@@ -85,14 +87,18 @@ def split_devices(
     return devices[:gen], devices[gen:]
 
 
-class AsyncPPOCoordinator(PPOCoordinator):
-    """PPO / GRPO with generation and training overlapped, staleness bounded by η."""
+class AsyncGeneration:
+    """PPO / GRPO samples from a generation server running alongside training (η-bounded
+    staleness); the `GenerationStrategy` of ``experiment.mode: async``.
 
-    def __init__(
-        self, cfg: Config, *, logger: MetricsLogger | None = None, server: Any | None = None
-    ) -> None:
+    ``server``: a ready server (tests inject one); by default one is built on the generation
+    devices (``async_ppo.generator: thread``) or in a child process (``process``).
+    """
+
+    def __init__(self, cfg: Config, *, server: Any | None = None) -> None:
         if cfg.experiment.mode != "async":
-            raise ConfigError("AsyncPPOCoordinator needs experiment.mode='async'.")
+            raise ConfigError("AsyncGeneration needs experiment.mode='async'.")
+        self.cfg = cfg
         self.remote_gen = cfg.async_ppo.generator == "process"
         if self.remote_gen:  # the generator process brings its own devices
             n_gen, _ = parse_allocation(cfg.async_ppo.allocation, jax.device_count(),
@@ -102,15 +108,27 @@ class AsyncPPOCoordinator(PPOCoordinator):
             self.gen_devices, self._train_devs = split_devices(cfg.async_ppo.allocation)
             n_gen = len(self.gen_devices)
         self.n_gen_devices = n_gen
-        super().__init__(cfg, logger=logger)
         self.eta = cfg.experiment.max_head_offpolicyness
         self.gen_mesh = None if self.remote_gen else make_mesh(-1, 1, 1, devices=self.gen_devices)
-        self.server = server if server is not None else self._make_server()
-        self.buffer = TrajectoryQueue(cfg.data.batch_size, self.eta, version=self.version)
+        self.server = server
         self.producer: RolloutProducer | None = None
-        self._eval_version = self.version
         self._last: dict[str, float] | None = None
+        self._taken: list[tuple[Any, Any, int]] = []
+        self._waited = 0.0
         self._data_lock = threading.Lock()  # the producer reads data_iter, `save` its cursor
+        self.consumed_uids: list[Any] = []
+        self.consumed_min_versions: list[int] = []
+        self.consumed_gids: list[int] = []
+
+    def train_devices(self) -> list[jax.Device] | None:
+        return self._train_devs
+
+    def attach(self, coordinator: PPOCoordinator) -> None:
+        self.coord = coord = coordinator
+        cfg = self.cfg
+        if self.server is None:
+            self.server = self._make_server()
+        self.buffer = TrajectoryQueue(cfg.data.batch_size, self.eta, version=coord.version)
         # Exactly-once over a resume: groups are numbered in data order (see async_rollout);
         # every group below `_watermark` has been trained on, and so have those in
         # `_consumed_above`. A checkpoint stores both and the data position of the watermark's
@@ -118,52 +136,45 @@ class AsyncPPOCoordinator(PPOCoordinator):
         # buffered at the save instead of dropping them.
         # A checkpoint without this entry (a sync run resumed in async mode) has trained on
         # the first `version` prompt batches.
-        saved = self.restored_extra.get("async", {})
-        self._watermark = int(saved.get("watermark", self.version * cfg.data.batch_size))
+        saved = coord.restored_extra.get("async", {})
+        self._watermark = int(saved.get("watermark", coord.version * cfg.data.batch_size))
         self._consumed_above = {int(g) for g in saved.get("consumed", [])}
         self._batches_read = self._watermark // cfg.data.batch_size
         self._batch_states: dict[int, dict] = {}  # prompt batch index -> data state before it
-        self.consumed_gids: list[int] = []
-        self._skip = {"actor_gen"}
-        if cfg.async_ppo.proximal == "fused":
-            self._skip.add("actor_inf")
-
-    def _train_devices(self) -> list[jax.Device] | None:
-        return self._train_devs
 
     def _make_server(self) -> Any:
-        cfg = self.cfg
+        cfg, coord = self.cfg, self.coord
         gen = cfg.generation
         max_seq_len = cfg.data.max_prompt_len + gen.max_new_tokens
         kwargs = dict(
             max_slots=gen.max_concurrent, max_seq_len=max_seq_len, decode_chunk=gen.decode_chunk,
             prefill_rows=gen.prefill_rows,
-            version=self.version, eos_token_id=self.tokenizer.eos_token_id,
+            version=coord.version, eos_token_id=coord.tokenizer.eos_token_id,
             seed=cfg.experiment.seed, name="async-gen",
         )  # fmt: skip
-        if cfg.async_ppo.generator == "process":
+        models = coord.models
+        if self.remote_gen:
             from jaxrlhf.system.remote_server import RemoteGenerationServer
 
             return RemoteGenerationServer(
-                self.models.actor_cfg, self.models.actor.params, n_devices=self.n_gen_devices,
-                **kwargs,
-            )  # fmt: skip
-        handle = ModelHandle(self.models.actor_cfg, self.models.actor.params, self.gen_mesh)
+                models.actor_cfg, models.actor.params, n_devices=self.n_gen_devices, **kwargs
+            )
+        handle = ModelHandle(models.actor_cfg, models.actor.params, self.gen_mesh)
         return GenerationServer(handle, **kwargs)
 
     # ----------------------------------------------------------------------- producer
 
     def _next_prompts(self):
         with self._data_lock:
-            self._batch_states[self._batches_read] = self.data_iter.get_state()
+            self._batch_states[self._batches_read] = self.coord.data_iter.get_state()
             self._batches_read += 1
-            return next(self.data_iter)
+            return next(self.coord.data_iter)
 
     def start(self) -> None:
-        """Start generating (the run does; tests may drive `train_step` themselves)."""
+        """Start generating (the first step does; tests may call it earlier)."""
         if self.producer is None:
             self.producer = RolloutProducer(
-                self.server, self.buffer, self._next_prompts, self.tokenizer,
+                self.server, self.buffer, self._next_prompts, self.coord.tokenizer,
                 self.cfg.generation, seed=self.cfg.experiment.seed,
                 batch_size=self.cfg.data.batch_size, first_gid=self._watermark,
                 skip=self._consumed_above,
@@ -176,77 +187,44 @@ class AsyncPPOCoordinator(PPOCoordinator):
             self.producer.stop()
         self.server.close()
 
-    # ----------------------------------------------------------------------- loop
+    # ----------------------------------------------------------------------- the step
 
-    def evaluate(self) -> dict[str, float]:
-        if self._eval_version != self.version:  # the eval sampler is synced only when used
-            self.sampler.params = self.sampler.convert(self.models.actor.params)
-            self._eval_version = self.version
-        return super().evaluate()
-
-    def train_step(self) -> dict[str, Any]:
-        """Take the next admissible batch, run the graph on it, publish the new weights."""
+    def step_inputs(self) -> dict[str, Any]:
         self.start()
-        self.step += 1
+        return {}
+
+    def trajectories(self, ctx: StepContext, data: Any) -> Trajectories:
+        """Take the next admissible batch (waiting while a group it needs still runs)."""
         start = time.perf_counter()
-        compiled = compile_totals()["seconds"]
         try:
-            taken = self.buffer.take_batch()
+            self._taken = self.buffer.take_batch()
         except Exception:
             if self.producer is not None and self.producer.error is not None:
                 raise RuntimeError("the rollout producer failed") from self.producer.error
             raise
-        waited = time.perf_counter() - start
-        traj = concat_trajectories([item for _, item, _ in taken])
-        ctx = self.step_context()
-        data: dict[str, Any] = {
-            "trajectories": traj,
-            "answers": traj.answers,
-            "input_ids": traj.input_ids,
-            "response_mask": traj.response_mask,
-            "behav_logprobs": traj.behav_logprobs,
-            "versions": traj.versions,
-            "truncated": traj.truncated,
-        }
-        for name in self.graph.order:
-            if name in self._skip:
-                continue
-            mfc = self.graph[name]
-            with self.logger.time(name):
-                outputs = getattr(self.impls[name], mfc.interface_type)(ctx, mfc, data)
-                jax.block_until_ready(outputs)
-            data.update(outputs)
-        self.version += 1
-        with self.logger.time("weight_sync"):
-            self.server.update_weights(self.models.actor.params, self.version)
-        self.buffer.set_version(self.version)
-        self.last_trajectories = traj
-        self.consumed_uids = [uid for uid, _, _ in taken]
-        self.consumed_min_versions = [v for _, _, v in taken]
+        self._waited = time.perf_counter() - start
+        return concat_trajectories([item for _, item, _ in self._taken])
+
+    def publish(self, version: int) -> None:
+        self.server.update_weights(self.coord.models.actor.params, version)
+        self.buffer.set_version(version)
+        self.consumed_uids = [uid for uid, _, _ in self._taken]
+        self.consumed_min_versions = [v for _, _, v in self._taken]
         if self.producer is not None:
             self._mark_consumed([self.producer.gid_of.pop(uid) for uid in self.consumed_uids])
-        ctx.metrics |= self._async_metrics(traj, taken, start, waited)
-        ctx.metrics["perf/compile_s"] = compile_totals()["seconds"] - compiled
-        return ctx.metrics
 
-    def _async_metrics(self, traj, taken, start: float, waited: float) -> dict[str, float]:
+    def step_metrics(self, traj: Trajectories, start: float) -> dict[str, float]:
         now = time.perf_counter()
         counters = self.producer.counters() if self.producer is not None else {}
         last = self._last or {"t": start, "idle_s": 0.0, "tokens": 0, "samples": 0}
         wall = max(now - last["t"], 1e-9)
-        lens = traj.response_lens
-        metrics = staleness_histogram(self.version - 1, [v for _, _, v in taken], self.eta)
+        version = self.coord.version
+        metrics = staleness_histogram(version - 1, [v for _, _, v in self._taken], self.eta)
         metrics |= {
-            "response_len/mean": float(lens.mean()),
-            "response_len/max": int(lens.max()),
-            "response_len/truncated_frac": float(traj.truncated.mean()),
-            "async/train_idle_frac": waited / (now - start),
+            "async/train_idle_frac": self._waited / (now - start),
             "async/gen_idle_frac": (counters.get("idle_s", 0.0) - last["idle_s"]) / wall,
             "perf/samples_per_s": len(traj) / (now - start),
             "perf/gen_tokens_per_s": (counters.get("tokens", 0) - last["tokens"]) / wall,
-            "perf/tokens_per_s": float(sum(len(x) for x in traj.input_ids)) / (now - start),
-            "perf/step_s": now - start,
-            "policy/version": self.version,
         }
         metrics |= self.buffer.stats()
         self._last = {"t": now, **counters} if counters else None
@@ -263,27 +241,21 @@ class AsyncPPOCoordinator(PPOCoordinator):
             for k in [k for k in self._batch_states if k < batch]:
                 del self._batch_states[k]  # a checkpoint never needs them again
 
-    def host_state(self) -> HostState:
-        """As sync, but the data position is that of the first prompt batch with a group not
-        yet trained on (the producer reads ahead), plus which later groups were trained on."""
-        host = super().host_state()
+    # ----------------------------------------------------------------------- checkpoints
+
+    def data_state(self) -> Any:
+        """The data position of the first prompt batch with a group not yet trained on (the
+        producer reads ahead)."""
         batch = self._watermark // self.cfg.data.batch_size
         state = self._batch_states.get(batch)
         if state is None:  # the producer has not read that batch yet: the current position
             assert batch == self._batches_read, (batch, self._batches_read)
-            state = host.data_state
-        extra = host.extra | {
-            "async": {"watermark": self._watermark, "consumed": sorted(self._consumed_above)}
-        }
-        return dataclasses.replace(host, data_state=state, extra=extra)
+            state = self.coord.data_iter.get_state()
+        return state
 
-    def save(self) -> None:
-        with self._data_lock:
-            super().save()
+    def host_extra(self) -> dict[str, Any]:
+        """Which groups past the watermark were trained on."""
+        return {"async": {"watermark": self._watermark, "consumed": sorted(self._consumed_above)}}
 
-    def run(self) -> dict[str, Any]:
-        """Train as `PPOCoordinator.run` does, with generation running alongside."""
-        try:
-            return super().run()
-        finally:
-            self.close()
+    def save_lock(self) -> threading.Lock:
+        return self._data_lock

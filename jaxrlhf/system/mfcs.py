@@ -18,10 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxrlhf.algorithms import ADVANTAGE_ESTIMATORS, kl, masked_whiten, scores_to_token_rewards
+from jaxrlhf.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    kl,
+    masked_whiten,
+    overlong_penalty,
+    scores_to_token_rewards,
+)
 from jaxrlhf.config import Config
 from jaxrlhf.dfg import MFC, MFC_INTERFACES
-from jaxrlhf.generation.sampler import Sampler
 from jaxrlhf.hostio import fetch
 from jaxrlhf.interfaces import (
     PackedBatch,
@@ -39,7 +44,7 @@ from jaxrlhf.interfaces import (
 )
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.transformer import Params
-from jaxrlhf.system.rollout import Trajectories, generate_trajectories, score
+from jaxrlhf.system.rollout import Trajectories, response_aligned, score, token_aligned
 from jaxrlhf.system.specs import actor_loss_spec, critic_loss_spec, optimizer_spec
 
 Data = dict[str, Any]
@@ -66,7 +71,7 @@ class StepContext:
     cfg: Config
     mesh: Mesh | None
     models: Models
-    sampler: Sampler
+    generation: Any  # the coordinator's `GenerationStrategy`: where actor_gen's samples come from
     tokenizer: Any
     reward_fn: Any
     step: int  # 1-based RL step
@@ -125,11 +130,7 @@ class PPOActor:
 
     @staticmethod
     def generate(ctx: StepContext, mfc: MFC, data: Data) -> Data:
-        traj = generate_trajectories(
-            ctx.sampler, data["prompt_batch"], ctx.tokenizer, ctx.cfg.generation,
-            seed=ctx.cfg.experiment.seed * 1_000_003 + ctx.step, version=ctx.version,
-        )  # fmt: skip
-        data["trajectories"] = traj
+        traj = ctx.generation.trajectories(ctx, data)
         lens = traj.response_lens
         ctx.metrics |= {
             "response_len/mean": float(lens.mean()),
@@ -137,6 +138,7 @@ class PPOActor:
             "response_len/truncated_frac": float(traj.truncated.mean()),
         }
         return {
+            "trajectories": traj,
             "input_ids": traj.input_ids,
             "response_mask": traj.response_mask,
             "behav_logprobs": traj.behav_logprobs,
@@ -166,13 +168,17 @@ class PPOActor:
         fused = cfg.experiment.mode == "async" and cfg.async_ppo.proximal == "fused"
         one_update = algo.ppo_epochs == 1 and algo.n_minibatches == 1
         on_policy = one_update and (not algo.decoupled_loss or fused)
-        spec = actor_loss_spec(algo, temperature=ctx.temperature, on_policy=on_policy)
+        spec = actor_loss_spec(
+            algo, max_new_tokens=cfg.generation.max_new_tokens, temperature=ctx.temperature,
+            on_policy=on_policy,
+        )  # fmt: skip
         fields = {"loss_mask": mask, "advantages": data["advantages"], "behaviour_logp": behav}
         gap = None
         if not on_policy:
             old = (
-                data.get("prox_logprobs")
-                or PPOActor.inference(  # actor_inf ran: reuse π_prox
+                data["prox_logprobs"]  # actor_inf ran: reuse π_prox
+                if "prox_logprobs" in data
+                else PPOActor.inference(
                     ctx, dataclasses.replace(mfc, role="actor", outputs=("old_logp",)), data
                 )["old_logp"]
             )
@@ -290,20 +296,23 @@ class RewardModel:
 
 
 @functools.lru_cache(maxsize=16)
-def _advantage_fn(estimator: str, group_size: int, gamma: float, lam: float, kl_coef: float,
+def _advantage_fn(estimate, group_size: int, gamma: float, lam: float, kl_coef: float,
                   kl_estimator: str, whiten: bool):  # fmt: skip
     """Jitted: response-aligned rewards (score at the last token, minus the KL penalty) ->
-    (advantages, returns)."""
+    (advantages, returns); ``estimate`` is the registered estimator (the cache key, so a name
+    registered again gets a new trace). ``truncated_n`` (None: all terminal) bootstraps rows."""
 
-    def fn(scores_n, mask_nr, values_nr, logp_nr, ref_nr):
+    def fn(scores_n, mask_nr, values_nr, logp_nr, ref_nr, truncated_n):
         rewards = scores_to_token_rewards(scores_n, mask_nr)
         kl_nr = jnp.zeros_like(rewards)
         if ref_nr is not None:
             kl_nr = kl(logp_nr, ref_nr, kl_estimator, mask=mask_nr)
             rewards = rewards - kl_coef * kl_nr
-        adv, ret = ADVANTAGE_ESTIMATORS.get(estimator)(
-            rewards, mask_nr, values_bt=values_nr, group_size=group_size, gamma=gamma, lam=lam
-        )
+        boot = {} if truncated_n is None else {"bootstrap_b": truncated_n}
+        adv, ret = estimate(
+            rewards, mask_nr, values_bt=values_nr, group_size=group_size, gamma=gamma, lam=lam,
+            **boot,
+        )  # fmt: skip
         if whiten:
             adv = masked_whiten(adv, mask_nr)
         return adv, ret, kl_nr
@@ -312,36 +321,51 @@ def _advantage_fn(estimator: str, group_size: int, gamma: float, lam: float, kl_
 
 
 class Advantages:
-    """``advantages``: token rewards, then the configured estimator (GAE / group / REINFORCE++)."""
+    """``advantages``: token rewards, then the configured estimator (GAE / group / REINFORCE++).
+
+    Scores get the DAPO overlong penalty when ``algorithm.overlong_buffer_len`` is set; responses
+    cut at ``generation.max_new_tokens`` bootstrap when the graph passes ``truncated``."""
 
     @staticmethod
     def compute(ctx: StepContext, mfc: MFC, data: Data) -> Data:
         cfg = ctx.cfg
         algo = cfg.algorithm
-        traj: Trajectories = data["trajectories"]
         width = cfg.generation.max_new_tokens
-        mask = traj.response_field(data["response_mask"], width)
+        resp_mask = data["response_mask"]
+        field = lambda key: response_aligned(data[key], resp_mask, width)
+        mask = field("response_mask")
         scores = np.asarray(data["scores"], np.float32)
         if "rm_scores" in data:
             rm = cfg.reward_model
             scores = rm.rule_weight * scores + rm.weight * np.asarray(data["rm_scores"], np.float32)
             ctx.metrics["reward/total_mean"] = float(scores.mean())
-        values = traj.response_field(data["values"], width) if "values" in data else None
+        if algo.overlong_buffer_len is not None:
+            penalty = np.asarray(overlong_penalty(
+                mask.sum(axis=1), max_length=width, buffer_length=algo.overlong_buffer_len,
+                penalty=algo.overlong_penalty_factor,
+            ))  # fmt: skip
+            scores = scores + penalty
+            ctx.metrics["reward/overlong_penalty_mean"] = float(penalty.mean())
+        values = field("values") if "values" in data else None
+        truncated = np.asarray(data["truncated"], bool) if "truncated" in data else None
         ref = logp = None
         if "ref_logprobs" in data:
-            ref = traj.response_field(data["ref_logprobs"], width)
-            logp = traj.response_field(data["behav_logprobs"], width)
+            ref = field("ref_logprobs")
+            # the KL penalty is taken from the policy the update starts at (π_prox when it exists)
+            old = "prox_logprobs" if "prox_logprobs" in data else "behav_logprobs"
+            logp = field(old)
+        est = ADVANTAGE_ESTIMATORS.info(algo.advantage_estimator)
         fn = _advantage_fn(
-            algo.advantage_estimator, traj.group_size, algo.gamma, algo.lam,
-            algo.kl_coef if algo.kl_in_reward else 0.0, algo.kl_estimator,
-            algo.adv_norm and algo.advantage_estimator == "gae",
+            ADVANTAGE_ESTIMATORS.get(algo.advantage_estimator), cfg.generation.n_samples,
+            algo.gamma, algo.lam, algo.kl_coef if algo.kl_in_reward else 0.0, algo.kl_estimator,
+            algo.adv_norm and bool(est.get("adv_norm")),
         )  # fmt: skip
-        adv, ret, kl_nr = jax.device_get(fn(scores, mask, values, logp, ref))
+        adv, ret, kl_nr = jax.device_get(fn(scores, mask, values, logp, ref, truncated))
         if ref is not None:
             ctx.metrics["actor/kl_ref"] = float((kl_nr * mask).sum() / max(mask.sum(), 1.0))
-        out = {"advantages": traj.token_field(adv)}
+        out = {"advantages": token_aligned(adv, resp_mask)}
         if "returns" in mfc.outputs:
-            out["returns"] = traj.token_field(ret)
+            out["returns"] = token_aligned(ret, resp_mask)
         return out
 
 

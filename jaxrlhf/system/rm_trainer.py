@@ -54,7 +54,7 @@ class RMTrainer(SupervisedTrainer):
         )  # fmt: skip
         return metrics | {"seq_tokens": packed.real_tokens()}
 
-    def evaluate(self) -> dict[str, float]:
+    def eval_metrics(self) -> dict[str, float]:
         examples = self.eval_examples()
         packed, pairs = self.pack(examples)
         metrics = rm_eval(self.state.params, self.handle.config, packed, pairs, mesh=self.mesh)

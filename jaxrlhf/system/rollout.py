@@ -43,19 +43,35 @@ class Trajectories:
 
     def response_field(self, values: Sequence[np.ndarray], width: int) -> np.ndarray:
         """Token-aligned per-sample arrays -> response-aligned ``[N, width]`` (0-padded)."""
-        out = np.zeros((len(self), width), np.float32)
-        for i, (p, n) in enumerate(zip(self.prompt_lens, self.response_lens, strict=True)):
-            out[i, :n] = values[i][p : p + n]
-        return out
+        return response_aligned(values, self.response_mask, width)
 
     def token_field(self, values_nr: np.ndarray) -> list[np.ndarray]:
         """Response-aligned ``[N, width]`` -> token-aligned per-sample arrays (0 at prompts)."""
-        out = []
-        for i, (p, n) in enumerate(zip(self.prompt_lens, self.response_lens, strict=True)):
-            row = np.zeros(p + n, np.float32)
-            row[p:] = values_nr[i, :n]
-            out.append(row)
-        return out
+        return token_aligned(values_nr, self.response_mask)
+
+
+def response_aligned(
+    values: Sequence[np.ndarray], response_mask: Sequence[np.ndarray], width: int
+) -> np.ndarray:
+    """Token-aligned per-sample arrays -> ``[N, width]``: row i holds sample i's values at its
+    response tokens (``response_mask`` > 0), in order, then zeros."""
+    out = np.zeros((len(values), width), np.float32)
+    for i, (v, m) in enumerate(zip(values, response_mask, strict=True)):
+        picked = np.asarray(v)[np.asarray(m) > 0]
+        out[i, : len(picked)] = picked
+    return out
+
+
+def token_aligned(values_nr: np.ndarray, response_mask: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The inverse of `response_aligned`: per-sample arrays shaped like ``response_mask``, 0
+    outside the response tokens."""
+    out = []
+    for i, m in enumerate(response_mask):
+        resp = np.asarray(m) > 0
+        row = np.zeros(len(m), np.float32)
+        row[resp] = values_nr[i, : int(resp.sum())]
+        out.append(row)
+    return out
 
 
 def generate_trajectories(

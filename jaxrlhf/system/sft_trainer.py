@@ -49,7 +49,7 @@ class SFTTrainer(SupervisedTrainer):
         )  # fmt: skip
         return metrics | {"seq_tokens": packed.real_tokens()}
 
-    def evaluate(self) -> dict[str, float]:
+    def eval_metrics(self) -> dict[str, float]:
         examples = self.eval_examples()
         nll, tokens = sft_eval(self.state.params, self.handle.config, self.pack(examples),
                                mesh=self.mesh)  # fmt: skip

@@ -1,6 +1,6 @@
-"""The host loop shared by supervised trainers (SFT, reward models): build the model from the
-``actor`` config group, step through a deterministic batch stream, evaluate every
-``experiment.eval_every`` steps, checkpoint, resume exactly, export an HF directory at the end.
+"""The trainer shared by supervised trainers (SFT, reward models): build the model from the
+``actor`` config group and step through a deterministic batch stream; the loop, evaluation
+cadence, checkpoints, exact resume and export are `jaxrlhf.system.run_loop.RunLoop`'s.
 
 Subclasses say what a batch, a step, an evaluation and an export are (`SFTTrainer`,
 `RMTrainer`); the device work is in `jaxrlhf.interfaces.sft` / `jaxrlhf.interfaces.rm`.
@@ -15,47 +15,36 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
-from jaxrlhf.checkpoint import Checkpointer, HostState, abstract_like
-from jaxrlhf.config import Config, ConfigError, config_to_yaml, save_config
-from jaxrlhf.data.pipeline import load_tokenizer
+from jaxrlhf.checkpoint import Restored
+from jaxrlhf.config import Config, ConfigError
 from jaxrlhf.data.sft import ExampleTable, index_batch
 from jaxrlhf.interfaces import TrainState, init_train_state
 from jaxrlhf.interfaces.packing import bucket_size
-from jaxrlhf.logging import MetricsLogger, history_entry
-from jaxrlhf.models import MeshError, ModelHandle, build_model, make_mesh
+from jaxrlhf.logging import MetricsLogger
+from jaxrlhf.models import ModelHandle, build_model
+from jaxrlhf.system.run_loop import RunLoop
 from jaxrlhf.system.specs import optimizer_spec
 
 
-class SupervisedTrainer(abc.ABC):
-    """Loop, evaluation, checkpoints, resume and export; subclasses fill in the abstract steps."""
+class SupervisedTrainer(RunLoop):
+    """Batches, steps and the model of a supervised run; subclasses fill in the abstract steps."""
 
     name = "supervised"
     value_head = False  # a reward model: trunk + scalar head, no LM head
 
     def __init__(self, cfg: Config, *, logger: MetricsLogger | None = None) -> None:
-        self.cfg = cfg
-        try:
-            self.mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-        except MeshError as e:
-            raise ConfigError(str(e)) from None
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.actor.path)
+        super().__init__(cfg)
         self.train_table, self.eval_table = self.load_tables()
         heads = {"lm_head": not self.value_head, "value_head": self.value_head}
         self.handle = build_model(cfg.actor, mesh=self.mesh, seed=cfg.experiment.seed, **heads)
         self._check_model()
-        self.total = cfg.experiment.total_steps
-        self.checkpointer = Checkpointer(cfg.checkpoint)
-        self.step = 0
-        self.history: list[dict[str, Any]] = []
-        self.eval_history: list[dict[str, Any]] = []
         self.state: TrainState = init_train_state(
             self.handle.params, self.handle.config, optimizer_spec(cfg.actor.optimizer),
             total_steps=self.total, mesh=self.mesh,
         )  # fmt: skip
-        self._maybe_resume()
-        self.logger = logger or MetricsLogger.from_config(cfg, start_step=self.step)
+        self.restore()
+        self.start_logging(logger)
 
     # ----------------------------------------------------------------------- subclass hooks
 
@@ -69,7 +58,7 @@ class SupervisedTrainer(abc.ABC):
         ``seq_tokens`` (tokens the model ran on, for the throughput)."""
 
     @abc.abstractmethod
-    def evaluate(self) -> dict[str, float]:
+    def eval_metrics(self) -> dict[str, float]:
         """``eval/*`` metrics on the eval examples (up to ``data.eval_size``)."""
 
     @abc.abstractmethod
@@ -123,82 +112,44 @@ class SupervisedTrainer(abc.ABC):
                             seed=self.cfg.experiment.seed, shuffle=d.shuffle)  # fmt: skip
         return [self.train_table.examples[i] for i in index]
 
-    # ----------------------------------------------------------------------- checkpoints
+    # ----------------------------------------------------------------------- run-loop hooks
 
-    def _data_state(self) -> dict[str, Any]:
+    def state_tree(self) -> dict[str, Any]:
+        return {"model": self.state}
+
+    def set_state_tree(self, tree: dict[str, Any]) -> None:
+        self.state = tree["model"]
+
+    def data_state(self) -> dict[str, Any]:
         d = self.cfg.data
         return {"fingerprint": self.train_table.fingerprint, "batch_size": d.batch_size,
                 "seed": self.cfg.experiment.seed, "shuffle": d.shuffle}  # fmt: skip
 
-    def _maybe_resume(self) -> None:
-        if not self.cfg.checkpoint.resume or self.checkpointer.latest_step() is None:
-            return
-        restored = self.checkpointer.restore(abstract_like({"model": self.state}))
-        if restored.host.data_state != self._data_state():
+    def restore(self) -> Restored | None:
+        restored = super().restore()
+        if restored is not None and restored.host.data_state != self.data_state():
             raise ConfigError(
                 f"the checkpoint in {self.checkpointer.directory} was made with other data or "
                 "batching (data, data.batch_size, experiment.seed, data.shuffle); resume with the "
                 "same settings or set checkpoint.resume=false."
             )
-        self.state = restored.state["model"]
-        self.step = restored.host.extra["step"]
-        self.history = restored.host.metric_history
-        self.eval_history = restored.host.extra.get("eval_history", [])
-        print(f"resumed from step {restored.step} in {self.checkpointer.directory}")
-
-    def save(self, metrics: dict[str, Any] | None = None) -> None:
-        host = HostState(
-            data_state=self._data_state(),
-            metric_history=self.history,
-            config=config_to_yaml(self.cfg),
-            extra={"step": self.step, "eval_history": self.eval_history},
-        )
-        self.checkpointer.save(self.step, {"model": self.state}, host, metrics=metrics)
+        return restored
 
     def model_handle(self) -> ModelHandle:
         """The trained model (the train state's params) as a handle for export."""
         h = self.handle
         return ModelHandle(h.config, self.state.params, self.mesh, h.hf_config, h.source_path)
 
-    # ----------------------------------------------------------------------- loop
+    def evaluate(self) -> dict[str, float] | None:
+        return None if self.eval_table is None else self.eval_metrics()
 
-    def run(self) -> dict[str, Any]:
-        """Train to ``experiment.total_steps``; returns before / after eval metrics, steps,
-        seconds and the export path."""
-        cfg = self.cfg
-        save_config(cfg, f"{cfg.experiment.output_dir}/config.yaml")
-        start = time.perf_counter()
-        if not self.eval_history and self.eval_table is not None:
-            before = self.evaluate() | {"step": self.step}
-            self.eval_history.append(before)
-            self.logger.log(self.step, before)
-        while self.step < self.total:
-            examples = self.batch(self.step)
-            self.step += 1
-            tick = time.perf_counter()
-            metrics = self.train_on(examples)
-            metrics = jax.device_get(metrics)  # also waits for the step: timing below is real
-            tokens = float(metrics.pop("seq_tokens"))
-            metrics = {f"train/{k}": v for k, v in metrics.items()}
-            metrics["perf/tokens_per_s"] = tokens / max(time.perf_counter() - tick, 1e-9)
-            every = cfg.experiment.eval_every
-            due = (every and self.step % every == 0) or self.step == self.total
-            if due and self.eval_table is not None:
-                ev = self.evaluate()
-                self.eval_history.append(ev | {"step": self.step})
-                metrics |= ev
-            logged = self.logger.log(self.step, metrics)
-            self.history.append(history_entry(logged))
-            if self.checkpointer.should_save(self.step, self.total):
-                ranked = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-                self.save({k: float(np.asarray(v)) for k, v in ranked.items()} or None)
-        self.checkpointer.close()
-        path = self.export()
-        self.logger.print(f"exported {path}")
-        return {
-            "before": self.eval_history[0] if self.eval_history else {},
-            "after": self.eval_history[-1] if self.eval_history else {},
-            "steps": self.step,
-            "seconds": time.perf_counter() - start,
-            "export": path,
-        }
+    def train_step(self) -> dict[str, Any]:
+        examples = self.batch(self.step)
+        self.step += 1
+        tick = time.perf_counter()
+        metrics = self.train_on(examples)
+        metrics = jax.device_get(metrics)  # also waits for the step: timing below is real
+        tokens = float(metrics.pop("seq_tokens"))
+        metrics = {f"train/{k}": v for k, v in metrics.items()}
+        metrics["perf/tokens_per_s"] = tokens / max(time.perf_counter() - tick, 1e-9)
+        return metrics
