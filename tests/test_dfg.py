@@ -149,6 +149,7 @@ def test_kl_in_reward_feeds_ref_logprobs_to_advantages() -> None:
         "response_mask",
         "scores",
         "values",
+        "truncated",  # PPO with a critic bootstraps truncated responses by default
         "ref_logprobs",
         "behav_logprobs",
     )
@@ -322,9 +323,50 @@ def test_describe_lists_stages_mfcs_keys_and_edges() -> None:
     assert "actor/generate (ppo_actor)" in gen and "n_samples=4" in gen
     adv = lines.index(next(line for line in lines if line.strip().startswith("advantages ")))
     assert "estimator=gae" in lines[adv]
-    assert lines[adv + 1].split() == ["in", ":", "response_mask,", "scores,", "values"]
+    want_in = ["in", ":", "response_mask,", "scores,", "values,", "truncated"]
+    assert lines[adv + 1].split() == want_in
     assert lines[adv + 2].split() == ["out:", "advantages,", "returns"]
     assert "  actor_gen -> rew_inf [trajectories]" in lines  # decoded texts and answers
     assert "  advantages -> critic_train [returns]" in lines
     edges = lines[lines.index("edges:") + 1 :]
     assert len(edges) == len(graph_for("algorithm.kl_coef=0.1").edges)
+
+
+# --- the graph asks the registry ------------------------------------------------------------
+
+
+def test_values_and_truncation_follow_the_estimator_metadata() -> None:
+    gae = graph_for()
+    assert {"values", "truncated"} <= set(gae["advantages"].inputs)
+    assert gae["advantages"].options["truncation"] == "bootstrap"
+    assert gae.edges[("actor_gen", "advantages")][-1] == "truncated"
+    terminal = graph_for("algorithm.truncation=terminal")
+    assert "truncated" not in terminal["advantages"].inputs
+    assert "values" in terminal["advantages"].inputs
+    for est in ("grpo", "dr_grpo", "rloo", "reinforce_pp"):
+        g = graph_for(f"algorithm.advantage_estimator={est}", "critic.enabled=true")
+        assert not {"values", "truncated"} & set(g["advantages"].inputs), est
+    with pytest.raises(ConfigError, match="truncation 'bootstrap' needs a critic's values"):
+        graph_for("algorithm.advantage_estimator=grpo", "algorithm.truncation=bootstrap")
+
+
+def test_overlong_option_and_its_bound() -> None:
+    g = graph_for("algorithm.overlong_buffer_len=64", "generation.max_new_tokens=256")
+    assert g["advantages"].options["overlong_buffer_len"] == 64
+    assert "overlong_buffer_len" not in graph_for()["advantages"].options
+    with pytest.raises(ConfigError, match=r"overlong_buffer_len \(300\) must be <= "):
+        graph_for("algorithm.overlong_buffer_len=300", "generation.max_new_tokens=256")
+
+
+def test_a_registered_estimator_gets_its_label_and_inputs() -> None:
+    from jaxrlhf.algorithms import ADVANTAGE_ESTIMATORS, register_advantage_estimator
+
+    register_advantage_estimator(
+        "test_critic_baseline", lambda *a, **k: None, label="A2C", needs_values=True, group=False
+    )
+    try:
+        g = graph_for("algorithm.advantage_estimator=test_critic_baseline")
+        assert g.name == "A2C, sync" and g.models == ("actor", "critic")
+        assert {"values", "truncated"} <= set(g["advantages"].inputs)
+    finally:
+        ADVANTAGE_ESTIMATORS.unregister("test_critic_baseline")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxrlhf.algorithms import effective_loss_aggregation
 from jaxrlhf.config import AlgorithmConfig, OptimizerConfig
 from jaxrlhf.interfaces import ActorLossSpec, CriticLossSpec
 from jaxrlhf.optim import OptimizerSpec
@@ -17,11 +18,18 @@ from jaxrlhf.optim import OptimizerSpec
 def actor_loss_spec(
     algo: AlgorithmConfig,
     *,
+    max_new_tokens: int,
     temperature: float = 1.0,
     logits_chunk: int | None = None,
     on_policy: bool = False,
 ) -> ActorLossSpec:
-    """The objective ``algorithm.*`` describes (KL in the loss unless ``kl_in_reward``)."""
+    """The objective ``algorithm.*`` describes (KL in the loss unless ``kl_in_reward``); the
+    aggregation and its constant as `effective_loss_aggregation` resolves them (``max_new_tokens``
+    is ``generation.max_new_tokens``, Dr.GRPO's normaliser)."""
+    aggregation, norm_constant = effective_loss_aggregation(
+        algo.policy_loss, algo.advantage_estimator, algo.loss_agg, algo.loss_norm_constant,
+        max_new_tokens,
+    )  # fmt: skip
     return ActorLossSpec(
         policy_loss=algo.policy_loss,
         eps_clip=algo.eps_clip,
@@ -30,8 +38,8 @@ def actor_loss_spec(
         decoupled=algo.decoupled_loss,
         behaviour_weight_cap=algo.behav_imp_weight_cap,
         behaviour_weight_mode=algo.behav_imp_weight_mode,
-        aggregation=algo.loss_agg,
-        norm_constant=algo.loss_norm_constant,
+        aggregation=aggregation,
+        norm_constant=norm_constant,
         kl_coef=0.0 if algo.kl_in_reward else algo.kl_coef,
         kl_estimator=algo.kl_estimator,
         entropy_coef=algo.entropy_coef,
