@@ -126,7 +126,7 @@ def _type_text(tp: Any) -> str:
 
 
 def _yaml(value: Any) -> str:
-    """A default as YAML (``null``, ``[0.9, 0.999]``, ``'gae'``)."""
+    """A default as YAML (``null``, ``[0.9, 0.999]``, ``gae``)."""
     plain = list(value) if isinstance(value, tuple) else value
     text = yaml.safe_dump(plain, default_flow_style=True, width=1000).strip()
     return text.removesuffix("\n...").removesuffix(" ...")
