@@ -8,15 +8,14 @@ import dataclasses
 import difflib
 import functools
 import sys
-import types
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, ParamSpec, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, ParamSpec, TypeVar, get_args, get_origin
 
 import yaml
 
 from jaxrlhf.config import Config, load_config
-from jaxrlhf.config.validation import REGISTRY_FIELDS
+from jaxrlhf.config.validation import REGISTRY_FIELDS, _group_class, _hints, _is_union
 from jaxrlhf.errors import USER_ERRORS, ConfigError, DataError
 
 __all__ = ["config_help", "main_guard", "parse_cli"]
@@ -79,7 +78,7 @@ def config_help(group: str | None = None) -> str:
 def _groups(cls: type, value: Any, prefix: str) -> Iterator[tuple[str, str]]:
     """(dotted group name, its help block) for ``cls``'s subgroups, depth first; ``value`` is
     the group's default instance (None for an optional group: its class defaults)."""
-    hints = get_type_hints(cls)
+    hints = _hints(cls)
     value = cls() if value is None else value
     lines: list[str] = []
     subgroups: list[tuple[str, type, Any]] = []
@@ -104,12 +103,6 @@ def _groups(cls: type, value: Any, prefix: str) -> Iterator[tuple[str, str]]:
         yield from _groups(sub, sub_value, key)
 
 
-def _group_class(tp: Any) -> type | None:
-    """The dataclass behind ``tp`` (itself or inside Optional), or None for a plain value."""
-    classes = [a for a in (get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
-    return classes[0] if classes else None
-
-
 def _type_text(tp: Any) -> str:
     """A type hint as Python source (``float | None``, ``Literal['sync', 'async']``)."""
     if tp is type(None):
@@ -117,7 +110,7 @@ def _type_text(tp: Any) -> str:
     origin, args = get_origin(tp), get_args(tp)
     if origin is Literal:
         return f"Literal[{', '.join(repr(a) for a in args)}]"
-    if origin in (Union, types.UnionType):
+    if _is_union(tp):
         return " | ".join(_type_text(a) for a in args)
     if origin is not None:
         inner = ", ".join("..." if a is Ellipsis else _type_text(a) for a in args)

@@ -1,6 +1,7 @@
 """Reading and writing configs: a strict YAML loader (a key written twice is an error), dotted
-``key=value`` overrides (the AReaL / verl convention), did-you-mean errors for unknown keys, and
-dumping a resolved config back to YAML that loads to an equal Config::
+``key=value`` overrides (the AReaL / verl convention; an unknown key gets validation's
+did-you-mean sentence), and dumping a resolved config back to YAML that loads to an equal
+Config::
 
     cfg = load_config("configs/toy_ppo.yaml", ["actor.optimizer.lr=1e-6", "mesh.fsdp=2"])
     save_config(cfg, f"{cfg.experiment.output_dir}/config.yaml")

@@ -288,7 +288,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, Mapping):
             return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     else:
-        raise TypeError(f"config.py does not know how to check the type {tp!r} of '{key}'")
+        raise TypeError(f"jaxrlhf.config cannot check the type {tp!r} of '{key}'")
     raise _TypeMismatch(key, value, tp)
 
 
