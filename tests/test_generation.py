@@ -264,3 +264,48 @@ def test_generate_bad_input(tiny):
         generate(tiny, [[1, 2]], max_new_tokens=4, top_p=1.5)
     with pytest.raises(InvalidRequestError, match="input_ids must be"):
         generate(tiny, [1, 2], max_new_tokens=4)
+
+
+def _pooled_chi_square(counts, expected_counts, min_expected=5.0):
+    """Chi-square p-value with tokens of small expected count pooled into one bin."""
+    big = expected_counts >= min_expected
+    obs = np.r_[counts[big], counts[~big].sum()]
+    exp = np.r_[expected_counts[big], expected_counts[~big].sum()]
+    keep = exp > 0
+    return stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue
+
+
+@pytest.mark.parametrize(
+    "T, top_k, top_p, mode",
+    [(1.0, 0, 1.0, "sample"), (0.7, 0, 1.0, "filtered"), (1.0, 40, 1.0, "filtered"),
+     (1.0, 300, 1.0, "filtered"), (1.2, 0, 0.9, "filtered"), (1.0, 0, 0.995, "filtered"),
+     (0.9, 100, 0.8, "filtered")],
+)  # fmt: skip
+def test_multi_block_sampling_chi_square(T, top_k, top_p, mode):
+    """V = 1000 spans 8 CDF blocks of 128 (the last one partial): token and block frequencies
+    match the exact warped softmax (top-k 300 and top-p 0.995 take the bisection fallback)."""
+    V, rows, calls = 1000, 20000, 3
+    rng = np.random.default_rng(11)
+    logits = rng.normal(size=V).astype(np.float32)
+    hot = rng.choice(V, 60, replace=False)  # mass in every block, not just the first
+    logits[hot] += rng.uniform(2.0, 4.0, 60).astype(np.float32)
+    expected = _reference_probs(logits, T, top_k, top_p)
+    fn = jax.jit(sample_tokens, static_argnames="mode")
+    counts = np.zeros(V, np.int64)
+    for c in range(calls):
+        keys = jax.random.split(jax.random.key(100 + c), rows)
+        uniforms = jax.vmap(lambda k: jax.random.uniform(k))(keys)
+        tokens, _, sampled = fn(
+            np.broadcast_to(logits, (rows, V)), np.full(rows, T, np.float32),
+            np.full(rows, top_k, np.int32), np.full(rows, top_p, np.float32), uniforms, mode=mode,
+        )  # fmt: skip
+        tok = np.asarray(tokens)
+        counts += np.bincount(tok, minlength=V)
+        np.testing.assert_allclose(np.asarray(sampled), np.log(expected[tok]), atol=1e-4)
+    n = rows * calls
+    assert counts[expected == 0].sum() == 0, "sampled a token outside the top-k / top-p set"
+    assert len(np.unique(np.flatnonzero(counts) // 128)) >= 6  # the draws cover the blocks
+    assert _pooled_chi_square(counts, n * expected) > 1e-3
+    blocks = np.bincount(np.arange(V) // 128, weights=counts)
+    block_mass = np.bincount(np.arange(V) // 128, weights=expected)
+    assert _pooled_chi_square(blocks, n * block_mass) > 1e-3
