@@ -210,6 +210,7 @@ def overlong_penalty(
             f"overlong_penalty: need 0 < buffer_length <= max_length, got buffer_length "
             f"{buffer_length} and max_length {max_length}."
         )
+    check_rank("overlong_penalty", "lengths_b [batch]", lengths_b, 1)
     start = max_length - buffer_length
     lengths = jnp.asarray(lengths_b).astype(jnp.float32)
     return penalty * jnp.clip((start - lengths) / buffer_length, -1.0, 0.0)
