@@ -9,10 +9,10 @@ keeping their own tables of names. Register through the helpers below, which fil
 
 - advantage estimators: ``label`` (graph label, e.g. "GRPO"), ``needs_values`` (reads a critic's
   values), ``group`` (compares the samples of one prompt: needs ``generation.n_samples >= 2``),
-  ``adv_norm`` (``algorithm.adv_norm`` whitens its output over the batch; group estimators and
-  REINFORCE++ normalise their own),
-  ``aggregation`` (the loss aggregation it implies, or None) and ``norm_constant`` (None or
-  ``"max_new_tokens"``: what ``seq_mean_token_sum_norm`` divides by).
+  ``adv_norm`` (``algorithm.adv_norm`` whitens its output over the batch: GAE; group advantages
+  are already relative to their group and REINFORCE++ whitens its own), ``aggregation`` (the
+  loss aggregation it implies, or None) and ``norm_constant`` (None or ``"max_new_tokens"``:
+  what ``seq_mean_token_sum_norm`` divides by).
 - policy losses: ``aggregation`` (default, or None: the estimator's / ``token_mean``) and
   ``aggregations`` (the allowed ones, or None: any).
 - KL estimators: ``help``. Loss aggregations: ``sequence_level`` (per-sequence means first),
