@@ -292,7 +292,13 @@ def calibrate(a: argparse.Namespace) -> dict:
     row_s = max(per_step[128] - per_step[16], 0.0) / 112
     overhead = max(per_step[16] - 16 * row_s, 0.0)
     # Train: one jitted actor update over packed sequences of the benchmark's size.
-    from jaxrlhf.interfaces import ActorLossSpec, actor_train, init_train_state, pack_sequences
+    from jaxrlhf.interfaces import (
+        ActorLossSpec,
+        actor_microbatch_loss,
+        init_train_state,
+        pack_sequences,
+        run_train_step,
+    )
     from jaxrlhf.system.specs import optimizer_spec
 
     seqs = [np.full(24, 5, np.int32) for _ in range(128)]
@@ -302,10 +308,12 @@ def calibrate(a: argparse.Namespace) -> dict:
     opt = optimizer_spec(cfg.actor.optimizer)
     state = init_train_state(model.params, model.config, opt, total_steps=10)
     spec = ActorLossSpec(on_policy=True)
-    state, _ = actor_train(state, packed, cfg=model.config, spec=spec, opt_cfg=opt, total_steps=10)
+    state, _ = run_train_step(actor_microbatch_loss, state, packed, cfg=model.config,
+                              spec=spec, opt=opt, total_steps=10)  # fmt: skip
     jax.block_until_ready(state)
     start = time.perf_counter()
-    state, m = actor_train(state, packed, cfg=model.config, spec=spec, opt_cfg=opt, total_steps=10)
+    state, m = run_train_step(actor_microbatch_loss, state, packed, cfg=model.config,
+                              spec=spec, opt=opt, total_steps=10)  # fmt: skip
     jax.block_until_ready(m)
     train_token_s = (time.perf_counter() - start) / (128 * 24)
     both = Costs(overhead, row_s, 0.0, 0.0, row_s, train_token_s, 0.0)

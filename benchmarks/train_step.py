@@ -29,10 +29,11 @@ import numpy as np
 from jaxrlhf.algorithms import group_advantages
 from jaxrlhf.interfaces import (
     ActorLossSpec,
-    actor_train,
+    actor_microbatch_loss,
     compute_logprobs,
     init_train_state,
     pack_sequences,
+    run_train_step,
     unpack,
 )
 from jaxrlhf.models import RopeConfig, TransformerConfig, init_model
@@ -78,7 +79,9 @@ def jax_update_fn(cfg: TransformerConfig, params, ids, mask, adv, mb_seqs: int, 
     state = [init_train_state(params, cfg, OPT)]
 
     def update():
-        state[0], metrics = actor_train(state[0], packed, cfg=cfg, spec=spec, opt_cfg=OPT)
+        state[0], metrics = run_train_step(
+            actor_microbatch_loss, state[0], packed, cfg=cfg, spec=spec, opt=OPT
+        )
         return jax.device_get(metrics)
 
     return update, np.stack([np.pad(x, (0, ids.shape[1] - len(x))) for x in old]), np.stack(ref)

@@ -29,13 +29,13 @@ from jaxrlhf.interfaces import (
     ParamLayout,
     accumulate_gradients,
     actor_microbatch_loss,
-    actor_train,
     batch_denominators,
-    compile_actor_train_step,
+    compile_train_step,
     compute_logprobs,
     init_train_state,
     pack_sequences,
     put_batch,
+    run_train_step,
     unpack,
 )
 from jaxrlhf.models import init_model
@@ -162,7 +162,9 @@ def test_train_step_at_step_0_on_policy(setup):
 
     state = init_train_state(jax.tree.map(jnp.copy, params), TINY, OPT)
     packed = pack_sequences(ids, no_old, max_tokens_per_mb=48)
-    state, metrics = actor_train(state, packed, cfg=TINY, spec=on_policy, opt_cfg=OPT)
+    state, metrics = run_train_step(
+        actor_microbatch_loss, state, packed, cfg=TINY, spec=on_policy, opt=OPT
+    )
     assert all(isinstance(v, jax.Array) and v.shape == () for v in metrics.values())
     m = {k: float(v) for k, v in metrics.items()}
     assert m["ratio_mean"] == m["ratio_max"] == m["ratio_min"] == 1.0
@@ -194,7 +196,9 @@ def test_separate_old_logp_all_masked_batch_and_compile_reuse(setup):
     state = init_train_state(jax.tree.map(jnp.copy, params), TINY, OPT)
     packed = pack_sequences(ids, {**fields, "old_logp": old}, **STEADY)
     shapes = {packed.shapes()}
-    state, metrics = actor_train(state, packed, cfg=TINY, spec=SPEC, opt_cfg=OPT)
+    state, metrics = run_train_step(
+        actor_microbatch_loss, state, packed, cfg=TINY, spec=SPEC, opt=OPT
+    )
     m = {k: float(v) for k, v in metrics.items()}
     assert abs(m["ratio_max"] - 1) < 2e-6 and abs(m["ratio_min"] - 1) < 2e-6
     assert abs(m["approx_kl"]) < 1e-11
@@ -204,7 +208,9 @@ def test_separate_old_logp_all_masked_batch_and_compile_reuse(setup):
     packed = pack_sequences(ids, silent, **STEADY)
     shapes.add(packed.shapes())
     before = jax.tree.map(np.asarray, state.params)
-    state, metrics = actor_train(state, packed, cfg=TINY, spec=SPEC, opt_cfg=OPT)
+    state, metrics = run_train_step(
+        actor_microbatch_loss, state, packed, cfg=TINY, spec=SPEC, opt=OPT
+    )
     assert float(metrics["loss"]) == 0.0 and float(metrics["tokens"]) == 0.0
     assert float(metrics["grad_norm"]) == 0.0 and float(metrics["update_skipped"]) == 1.0
     assert int(state.step) == 1
@@ -218,10 +224,14 @@ def test_separate_old_logp_all_masked_batch_and_compile_reuse(setup):
         packed = pack_sequences(other_ids, other, **STEADY)
         shapes.add(packed.shapes())
         lengths.add(tuple(len(x) for x in other_ids))
-        state, _ = actor_train(state, packed, cfg=TINY, spec=SPEC, opt_cfg=OPT)
+        state, _ = run_train_step(
+            actor_microbatch_loss, state, packed, cfg=TINY, spec=SPEC, opt=OPT
+        )
     assert len(shapes) == 1 and len(lengths) == 2
     layout = ParamLayout.of(params)
-    step = compile_actor_train_step(TINY, SPEC, OPT, None, None, layout, shapes.pop())
+    step = compile_train_step(
+        actor_microbatch_loss, SPEC, TINY, OPT, None, None, layout, shapes.pop()
+    )
     assert step._cache_size() == 1  # four batches, one compilation
 
 
@@ -231,16 +241,17 @@ def test_bad_input(setup):
     state = init_train_state(jax.tree.map(jnp.copy, params), TINY, OPT)
     no_ref = {k: v for k, v in fields.items() if k != "ref_logp"}
     with pytest.raises(ValueError, match="lacks ref_logp"):
-        actor_train(
+        run_train_step(
+            actor_microbatch_loss,
             state,
             pack_sequences(ids, no_ref, max_tokens_per_mb=48),
             cfg=TINY,
             spec=SPEC,
-            opt_cfg=OPT,
+            opt=OPT,
         )
     batch = put_batch(packed, None)
     batch["advantages"] = batch["advantages"][:, :, :-1]
-    from jaxrlhf.interfaces import actor_train_step
+    from jaxrlhf.interfaces import train_step
 
     with pytest.raises(ValueError, match="advantages"):
-        actor_train_step(state, batch, cfg=TINY, spec=SPEC, opt_cfg=OPT)
+        train_step(actor_microbatch_loss, state, batch, cfg=TINY, spec=SPEC, opt=OPT)

@@ -26,16 +26,15 @@ from jaxrlhf.interfaces import (
     CriticLossSpec,
     accumulate_gradients,
     actor_microbatch_loss,
-    actor_train,
     batch_denominators,
     compute_logprobs,
     compute_scores,
     compute_values,
     critic_microbatch_loss,
-    critic_train,
     init_train_state,
     pack_sequences,
     put_batch,
+    run_train_step,
     unpack,
     unpack_scalars,
 )
@@ -136,7 +135,9 @@ def test_critic_step_matches_reference(data):
 
     opt = OptimizerSpec(lr=1e-2, grad_clip=None)
     state = init_train_state(jax.tree.map(jnp.copy, params), TINY, opt)
-    state, metrics = critic_train(state, packed, cfg=TINY, spec=spec, opt_cfg=opt)
+    state, metrics = run_train_step(
+        critic_microbatch_loss, state, packed, cfg=TINY, spec=spec, opt=opt
+    )
     m = {k: float(v) for k, v in metrics.items()}
     assert m["loss"] == pytest.approx(float(ref_loss), abs=1e-6)
     assert m["value_loss"] == m["loss"] and m["tokens"] == mask.sum()
@@ -151,12 +152,13 @@ def test_critic_step_matches_reference(data):
 
     no_old = {k: v for k, v in fields.items() if k != "old_values"}
     with pytest.raises(ValueError, match="lacks old_values"):
-        critic_train(
+        run_train_step(
+            critic_microbatch_loss,
             state,
             pack_sequences(ids, no_old, max_tokens_per_mb=32, min_microbatches=8),
             cfg=TINY,
             spec=spec,
-            opt_cfg=opt,
+            opt=opt,
         )
 
 
@@ -172,7 +174,9 @@ def test_bfloat16_params_train_step(data):
     opt = OptimizerSpec(lr=1e-2)
     state = init_train_state(params, cfg, opt)
     before = np.asarray(state.params["embed"], np.float32)
-    state, metrics = actor_train(state, packed, cfg=cfg, spec=spec, opt_cfg=opt)
+    state, metrics = run_train_step(
+        actor_microbatch_loss, state, packed, cfg=cfg, spec=spec, opt=opt
+    )
     assert state.params["embed"].dtype == jnp.bfloat16
     assert {x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim} == {jnp.dtype("bfloat16")}
     assert np.isfinite(float(metrics["loss"])) and float(metrics["ratio_max"]) == 1.0

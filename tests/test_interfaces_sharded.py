@@ -14,11 +14,12 @@ from jax.sharding import PartitionSpec as P
 from jaxrlhf.interfaces import (
     ActorLossSpec,
     CriticLossSpec,
-    actor_train,
+    actor_microbatch_loss,
     compute_logprobs,
-    critic_train,
+    critic_microbatch_loss,
     init_train_state,
     pack_sequences,
+    run_train_step,
 )
 from jaxrlhf.models import init_model, make_mesh
 from jaxrlhf.optim import OptimizerSpec
@@ -45,18 +46,22 @@ def batch():
     return pack_sequences(ids, fields, max_tokens_per_mb=40, rows_multiple=2)
 
 
-def _steps(train, params, packed, spec, mesh, n=1):
+def _steps(mb_loss, params, packed, spec, mesh, n=1):
     state = init_train_state(params, CFG, OPT, mesh=mesh)
     history = []
     for _ in range(n):
-        state, metrics = train(state, packed, cfg=CFG, spec=spec, opt_cfg=OPT, mesh=mesh)
+        state, metrics = run_train_step(
+            mb_loss, state, packed, cfg=CFG, spec=spec, opt=OPT, mesh=mesh
+        )
         history.append({k: float(v) for k, v in metrics.items()})
     return state, history
 
 
 def test_actor_step_sharded_equals_single_device(mesh, batch):
-    single, m1 = _steps(actor_train, init_model(CFG, seed=3).params, batch, SPEC, None)
-    sharded, m4 = _steps(actor_train, init_model(CFG, seed=3, mesh=mesh).params, batch, SPEC, mesh)
+    single, m1 = _steps(actor_microbatch_loss, init_model(CFG, seed=3).params, batch, SPEC, None)
+    sharded, m4 = _steps(
+        actor_microbatch_loss, init_model(CFG, seed=3, mesh=mesh).params, batch, SPEC, mesh
+    )
     embed = sharded.params["embed"].sharding
     assert isinstance(embed, NamedSharding) and embed.spec == P("tensor", "fsdp")
     mu = sharded.opt_state[1][0].mu["layers"]["gate"].sharding
@@ -80,8 +85,8 @@ def test_critic_step_sharded_equals_single_device(mesh, batch):
     spec = CriticLossSpec(value_clip=0.2)
     critic = init_model(CFG, seed=6, value_head=True, lm_head=False)
     critic_sharded = init_model(CFG, seed=6, value_head=True, lm_head=False, mesh=mesh)
-    single, m1 = _steps(critic_train, critic.params, batch, spec, None)
-    sharded, m4 = _steps(critic_train, critic_sharded.params, batch, spec, mesh)
+    single, m1 = _steps(critic_microbatch_loss, critic.params, batch, spec, None)
+    sharded, m4 = _steps(critic_microbatch_loss, critic_sharded.params, batch, spec, mesh)
     assert max_abs_diff(single.params, sharded.params) <= 1e-5
     for a, b in zip(m1, m4, strict=True):
         for k in a:

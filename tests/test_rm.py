@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from interfaces_reference import TINY, assert_tree_close, padded_batch, ref_values
 
+from jaxrlhf.algorithms import bradley_terry
 from jaxrlhf.config import ConfigError, load_config
 from jaxrlhf.data.pipeline import load_tokenizer
 from jaxrlhf.data.readers import DataError
 from jaxrlhf.data.sft import load_pair_table
-from jaxrlhf.interfaces import compute_scores, put_batch, unpack_scalars
-from jaxrlhf.interfaces.rm import bradley_terry, pack_pairs, rm_gradients
+from jaxrlhf.interfaces import batch_gradients, compute_scores, put_batch, unpack_scalars
+from jaxrlhf.interfaces.rm import RMLossSpec, pack_pairs, rm_microbatch_loss
 from jaxrlhf.models import init_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,9 @@ def test_two_pass_gradient_matches_padded_reference(rm_model, pairs_data):
     split = [mb_of(c) != mb_of(r) for c, r in zip(pairs["chosen"][:7], pairs["rejected"][:7],
                                                    strict=True)]  # fmt: skip
     assert any(split)
-    fn = jax.jit(lambda p, b, q: rm_gradients(p, b, q, cfg=TINY))
+    fn = jax.jit(
+        lambda p, b, q: batch_gradients(rm_microbatch_loss, p, b, q, cfg=TINY, spec=RMLossSpec())
+    )
     grads, metrics = fn(rm_model, put_batch(packed, None), pairs)
 
     seqs = [s for pair in zip(chosen, rejected, strict=True) for s in pair]

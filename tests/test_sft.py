@@ -15,12 +15,13 @@ import pytest
 from interfaces_reference import TINY, assert_tree_close, padded_batch, random_sequences
 from interfaces_reference import ref_logp_entropy as ref_logp
 
+from jaxrlhf.algorithms import masked_nll
 from jaxrlhf.config import load_config
 from jaxrlhf.data.pipeline import load_tokenizer
 from jaxrlhf.data.readers import DataError
 from jaxrlhf.data.sft import TOY_TASK, index_batch, load_sft_table
-from jaxrlhf.interfaces import pack_sequences, put_batch
-from jaxrlhf.interfaces.sft import masked_nll, sft_eval, sft_gradients
+from jaxrlhf.interfaces import batch_gradients, pack_sequences, put_batch
+from jaxrlhf.interfaces.sft import SFTLossSpec, sft_eval, sft_microbatch_loss
 from jaxrlhf.models import init_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,12 @@ def seqs():
 
 @pytest.fixture(scope="module")
 def grad_fn():
-    return jax.jit(lambda p, b: sft_gradients(p, b, cfg=TINY))
+    def fn(params, batch):
+        spec = SFTLossSpec()
+        grads, metrics = batch_gradients(sft_microbatch_loss, params, batch, cfg=TINY, spec=spec)
+        return grads, metrics["loss"]
+
+    return jax.jit(fn)
 
 
 def _reference(params, ids, masks):

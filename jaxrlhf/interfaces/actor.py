@@ -1,5 +1,6 @@
-"""Actor train step (MFC ``actor_train``): policy loss + optional KL-to-reference and entropy
-terms, accumulated over packed micro-batches, one clipped AdamW update.
+"""The actor's micro-batch loss (MFC ``actor_train``): policy loss + optional KL-to-reference
+and entropy terms. `train.run_train_step(actor_microbatch_loss, ..., spec=ActorLossSpec(...))`
+accumulates it over packed micro-batches and applies one clipped AdamW update.
 
 Batch fields (grid ``[M, S, T]``, token-aligned, see `packing.py`): ``loss_mask``,
 ``advantages``, ``old_logp`` (π_old / π_prox: the log-probs the ratio is taken against; not
@@ -20,34 +21,24 @@ Metrics per step: ``loss`` (the whole objective), ``pg_loss``, ``kl_loss``, ``en
 from __future__ import annotations
 
 import dataclasses
-import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxrlhf.algorithms import POLICY_LOSSES, Denominators, entropy_bonus, kl_loss
-from jaxrlhf.interfaces.microbatch import (
-    Batch,
-    Shapes,
-    batch_shardings,
-    check_batch,
-    loss_mask,
-    microbatch_logprobs,
-    put_batch,
-    replicated,
-)
-from jaxrlhf.interfaces.packing import PackedBatch
-from jaxrlhf.interfaces.state import ParamLayout, TrainState, state_shardings
-from jaxrlhf.interfaces.train import train_step
+from jaxrlhf.interfaces.microbatch import Batch, loss_mask, microbatch_logprobs
+from jaxrlhf.interfaces.train import LossSpec, Metrics
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.transformer import Params
-from jaxrlhf.optim import OptimizerSpec, lr_schedule, make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
-class ActorLossSpec:
+class ActorLossSpec(LossSpec):
     """Static settings of the actor objective (hashable: compiled steps are cached on it)."""
+
+    name: ClassVar[str] = "actor"
 
     policy_loss: str = "ppo"  # name in POLICY_LOSSES: ppo | gspo
     eps_clip: float = 0.2
@@ -66,30 +57,20 @@ class ActorLossSpec:
     logits_chunk: int | None = None  # tokens per chunk of the log-prob pass (memory bound)
 
     def required_fields(self) -> tuple[str, ...]:
+        """``loss_mask``, ``advantages`` and the log-probs the objective reads."""
         fields = ("loss_mask", "advantages") + (() if self.on_policy else ("old_logp",))
         fields += ("behaviour_logp",) if self.decoupled else ()
         return fields + (("ref_logp",) if self.kl_coef > 0 else ())
 
 
 def actor_microbatch_loss(
-    params: Params,
-    mb: Batch,
-    den: Denominators,
-    *,
-    cfg: TransformerConfig,
-    spec: ActorLossSpec,
+    params: Params, mb: Batch, den: Denominators, *, cfg: TransformerConfig, spec: ActorLossSpec,
     mesh: Mesh | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+) -> tuple[jax.Array, Metrics]:  # fmt: skip
     """This micro-batch's share of the actor objective (normalised by the batch's ``den``)."""
-    logp, entropy = microbatch_logprobs(
-        params,
-        cfg,
-        mb,
-        temperature=spec.temperature,
-        chunk_size=spec.logits_chunk,
-        with_entropy=True,
-        mesh=mesh,
-    )
+    logp, entropy = microbatch_logprobs(params, cfg, mb, temperature=spec.temperature,
+                                        chunk_size=spec.logits_chunk, with_entropy=True,
+                                        mesh=mesh)  # fmt: skip
     mask = loss_mask(mb)
     agg = dict(aggregation=spec.aggregation, denominators=den, norm_constant=spec.norm_constant)
     old_logp = jax.lax.stop_gradient(logp) if spec.on_policy else mb["old_logp"]
@@ -127,67 +108,3 @@ def actor_microbatch_loss(
     metrics["loss"] = loss
     metrics["seqs"] = jnp.sum(jnp.any(mask > 0, axis=-1), dtype=jnp.float32)
     return loss, jax.lax.stop_gradient(metrics)
-
-
-def actor_train_step(
-    state: TrainState,
-    batch: Batch,
-    *,
-    cfg: TransformerConfig,
-    spec: ActorLossSpec,
-    opt_cfg: OptimizerSpec,
-    total_steps: int | None = None,
-    mesh: Mesh | None = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """Pure actor update on a stacked packed batch; jit it (or use `compile_actor_train_step`)."""
-    check_batch(
-        tuple((k, tuple(v.shape)) for k, v in batch.items()), spec.required_fields(), "actor"
-    )
-    layout = ParamLayout.of(state.params)
-    tx = make_optimizer(opt_cfg, total_steps)
-    grad_shardings = None if mesh is None else state_shardings(cfg, layout, tx, mesh).params
-    mb_loss = functools.partial(actor_microbatch_loss, cfg=cfg, spec=spec, mesh=mesh)
-    return train_step(mb_loss, tx, lr_schedule(opt_cfg, total_steps), state, batch, grad_shardings)
-
-
-@functools.lru_cache(maxsize=32)
-def compile_actor_train_step(
-    cfg: TransformerConfig,
-    spec: ActorLossSpec,
-    opt_cfg: OptimizerSpec,
-    total_steps: int | None,
-    mesh: Mesh | None,
-    layout: ParamLayout,
-    shapes: Shapes,
-):
-    """`actor_train_step` jitted for one (config, mesh, batch shape): explicit shardings, the
-    state donated (it is replaced). Cached, so equal shapes reuse the compiled step."""
-    check_batch(shapes, spec.required_fields(), "actor")
-    tx = make_optimizer(opt_cfg, total_steps)
-    state_sh = state_shardings(cfg, layout, tx, mesh)
-    step = functools.partial(
-        actor_train_step, cfg=cfg, spec=spec, opt_cfg=opt_cfg, total_steps=total_steps, mesh=mesh
-    )
-    return jax.jit(
-        step,
-        in_shardings=(state_sh, batch_shardings(shapes, mesh)),
-        out_shardings=(state_sh, replicated(mesh)),
-        donate_argnums=0,
-    )
-
-
-def actor_train(
-    state: TrainState,
-    packed: PackedBatch,
-    *,
-    cfg: TransformerConfig,
-    spec: ActorLossSpec,
-    opt_cfg: OptimizerSpec,
-    total_steps: int | None = None,
-    mesh: Mesh | None = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """Host entry: transfer ``packed`` and run the cached compiled step. ``state`` is donated."""
-    step = compile_actor_train_step(
-        cfg, spec, opt_cfg, total_steps, mesh, ParamLayout.of(state.params), packed.shapes()
-    )
-    return step(state, put_batch(packed, mesh))

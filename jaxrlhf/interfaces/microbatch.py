@@ -7,6 +7,7 @@ Row arrays shard their rows, grid arrays their sequence slots, over the batch me
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +36,11 @@ def batch_shardings(shapes: Shapes, mesh: Mesh | None) -> dict[str, jax.sharding
         return {k: replicated(None) for k, _ in shapes}
     axes = {2: (None, "batch"), 3: (None, "batch", "seq")}
     return {k: NamedSharding(mesh, logical_to_spec(axes[len(s)], s, mesh)) for k, s in shapes}
+
+
+def shapes_of(batch: Batch) -> Shapes:
+    """The `Shapes` of a batch of (possibly traced) arrays."""
+    return tuple((k, tuple(v.shape)) for k, v in batch.items())
 
 
 def check_batch(shapes: Shapes, required: tuple[str, ...], where: str) -> None:
@@ -85,6 +91,24 @@ def rows_to_grid(values_rl: jax.Array, token_index_st: jax.Array, shift: int) ->
     return flat[jnp.maximum(token_index_st - shift, 0)]
 
 
+def _hidden(
+    params: Params, cfg: TransformerConfig, mb: Batch, mesh: Mesh | None, value_head: bool = False
+) -> jax.Array:
+    """Hidden states ``[R, L, D]`` of one micro-batch's rows, after checking its layout (at trace
+    time): rows ``[R, L]``, ``token_index`` and grid fields ``[S, T]``, ``seq_lens`` ``[S]``."""
+    if value_head and "value_head" not in params:
+        raise ValueError("params have no value_head; build the model with value_head=True.")
+    rows = [mb[k] for k in ROW_KEYS]
+    chex.assert_rank(rows, 2)
+    chex.assert_equal_shape(rows)
+    chex.assert_rank(mb["token_index"], 2)
+    grid_st = mb["token_index"].shape
+    for key, value in mb.items():  # grid fields [S, T], per-sequence fields [S]
+        if key not in ROW_KEYS:
+            chex.assert_shape(value, grid_st if value.ndim > 1 else grid_st[:1])
+    return hidden_states(params, cfg, *rows, mesh)
+
+
 def microbatch_logprobs(
     params: Params,
     cfg: TransformerConfig,
@@ -98,7 +122,7 @@ def microbatch_logprobs(
     """Grid ``[S, T]`` log-probs of each token given the ones before it (0 where unscored), and
     the entropy of the distribution that produced it when ``with_entropy``."""
     ids = mb["input_ids"]
-    hidden = hidden_states(params, cfg, ids, mb["positions"], mb["segment_ids"], mesh)
+    hidden = _hidden(params, cfg, mb, mesh)
     # Position l scores token l + 1 of the row; the last column's target is a dummy.
     targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
     logp_rl, ent_rl = token_logprobs(
@@ -123,8 +147,7 @@ def microbatch_values(
 ) -> jax.Array:
     """Grid ``[S, T]`` values: token t's value is the head's output at t − 1 (the state it was
     generated from), as for log-probs; 0 where unscored."""
-    hidden = hidden_states(params, cfg, mb["input_ids"], mb["positions"], mb["segment_ids"], mesh)
-    values_rl = value_outputs(params, hidden)
+    values_rl = value_outputs(params, _hidden(params, cfg, mb, mesh, value_head=True))
     scored = scored_mask(mb["seq_lens"], mb["token_index"].shape[-1])
     return jnp.where(scored, rows_to_grid(values_rl, mb["token_index"], 1), 0.0)
 
@@ -134,8 +157,7 @@ def microbatch_scores(
 ) -> jax.Array:
     """``[S]`` value-head output at each sequence's last token (reward-model score); 0 for empty
     slots."""
-    hidden = hidden_states(params, cfg, mb["input_ids"], mb["positions"], mb["segment_ids"], mesh)
-    values_rl = value_outputs(params, hidden)
+    values_rl = value_outputs(params, _hidden(params, cfg, mb, mesh, value_head=True))
     lens = mb["seq_lens"]
     last = jnp.take_along_axis(mb["token_index"], jnp.maximum(lens - 1, 0)[:, None], axis=1)
     return jnp.where(lens > 0, values_rl.reshape(-1)[last[:, 0]], 0.0)

@@ -68,11 +68,11 @@ def state_shardings(
 def _init_fn(
     cfg: TransformerConfig,
     layout: ParamLayout,
-    opt_cfg: OptimizerSpec,
+    opt: OptimizerSpec,
     total_steps: int | None,
     mesh: Mesh | None,
 ):
-    tx = make_optimizer(opt_cfg, total_steps)
+    tx = make_optimizer(opt, total_steps)
     shardings = state_shardings(cfg, layout, tx, mesh)
     return jax.jit(
         tx.init, in_shardings=(shardings.params,), out_shardings=shardings.opt_state
@@ -82,13 +82,13 @@ def _init_fn(
 def init_train_state(
     params: Params,
     cfg: TransformerConfig,
-    opt_cfg: OptimizerSpec,
+    opt: OptimizerSpec,
     *,
     total_steps: int | None = None,
     mesh: Mesh | None = None,
 ) -> TrainState:
     """A fresh state around ``params`` (held, not copied: train steps donate them, so do not
     use the arrays passed in afterwards). Optimizer state is created in its shards."""
-    init, shardings = _init_fn(cfg, ParamLayout.of(params), opt_cfg, total_steps, mesh)
+    init, shardings = _init_fn(cfg, ParamLayout.of(params), opt, total_steps, mesh)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
     return TrainState(params=params, opt_state=init(params), step=step)

@@ -1,7 +1,13 @@
-"""The generic train step: gradient accumulation over micro-batches in one `lax.scan`, then one
-clipped AdamW update. Actor and critic steps plug in a per-micro-batch loss.
+"""The one train step: gradient accumulation over micro-batches in one `lax.scan`, then one
+clipped AdamW update. Actor, critic, SFT and reward-model training differ only in the
+micro-batch loss and the frozen `LossSpec` they plug in; `compile_train_step` jits the step
+(explicit shardings, state donated, cached per shape) and `run_train_step` is the host entry.
 
-Exactness: every micro-batch loss is normalised by the *whole* batch's `Denominators`, so the
+A micro-batch loss is ``mb_loss(params, mb, den, *, cfg, spec, mesh) -> (loss, metrics)``: ``mb``
+is one micro-batch (the stacked batch without its ``[M]`` axis), ``den`` the *whole* batch's
+`Denominators`, and the metrics include ``tokens``, the micro-batch's loss tokens.
+
+Exactness: every micro-batch loss is normalised by the whole batch's `Denominators`, so the
 micro-batch losses and gradients add up to those of the full batch; 1 micro-batch of 8
 sequences and 8 micro-batches of 1 give the same update up to float rounding.
 
@@ -9,26 +15,74 @@ All-masked input: a micro-batch without loss tokens adds exactly 0 to the loss a
 so it is skipped: filler micro-batches from bucketing have no effect and cost no compute. A
 whole batch without loss tokens has loss 0 and leaves the state untouched: no update, no weight
 decay, no change to the moments or the step count (``update_skipped`` = 1).
+
+Caching: the compiled step is keyed on (loss, spec, model config, optimizer, schedule horizon,
+mesh, parameter layout, batch shapes); all are hashable, so equal shapes compile once.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any, ClassVar
 
+import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from jaxrlhf.algorithms import Denominators, loss_denominators
-from jaxrlhf.interfaces.microbatch import Batch, loss_mask
-from jaxrlhf.interfaces.state import TrainState
+from jaxrlhf.hostio import put
+from jaxrlhf.interfaces.microbatch import (
+    Batch,
+    Shapes,
+    batch_shardings,
+    check_batch,
+    loss_mask,
+    put_batch,
+    replicated,
+    shapes_of,
+)
+from jaxrlhf.interfaces.packing import PackedBatch
+from jaxrlhf.interfaces.state import ParamLayout, TrainState, state_shardings
+from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.transformer import Params
+from jaxrlhf.optim import OptimizerSpec, lr_schedule, make_optimizer
 
-MicroBatchLoss = Callable[[Params, Batch, Denominators], tuple[jax.Array, dict[str, jax.Array]]]
+Metrics = dict[str, jax.Array]
+# (params, mb, den) -> (loss, metrics), with cfg / spec / mesh bound by keyword (module docstring).
+MicroBatchLoss = Callable[..., tuple[jax.Array, Metrics]]
 
 # Metrics that add up over micro-batches; "*_max" / "*_min" reduce by max / min over the
 # micro-batches that have tokens; everything else is a token-weighted mean.
 SUM_METRICS = ("loss", "pg_loss", "kl_loss", "entropy_loss", "value_loss", "tokens", "seqs")
+
+
+class LossSpec:
+    """Static settings of a micro-batch loss. Subclasses are frozen dataclasses (hashable:
+    compiled steps are cached on them); the hooks below default to doing nothing."""
+
+    name: ClassVar[str] = "train"  # names the step in error messages
+    aux_keys: ClassVar[tuple[str, ...]] = ()  # whole-batch inputs besides the packed batch
+
+    def required_fields(self) -> tuple[str, ...]:
+        """The grid fields ``[M, S, T]`` the batch must carry."""
+        return ("loss_mask",)
+
+    def prepare(
+        self, params: Params, batch: Batch, aux: Batch, *, cfg: TransformerConfig,
+        mesh: Mesh | None,
+    ) -> tuple[Batch, Metrics]:  # fmt: skip
+        """Whole-batch work before accumulation: the batch with any fields the micro-batch loss
+        reads added, and batch-level metrics."""
+        del params, aux, cfg, mesh
+        return batch, {}
+
+    def finish(self, metrics: Metrics) -> Metrics:
+        """The step's metrics from the combined micro-batch ones."""
+        return metrics
 
 
 def batch_denominators(batch: Batch) -> Denominators:
@@ -38,25 +92,26 @@ def batch_denominators(batch: Batch) -> Denominators:
 
 
 def accumulate_gradients(
-    mb_loss: MicroBatchLoss,
+    mb_loss: Callable[[Params, Batch, Denominators], tuple[jax.Array, Metrics]],
     params: Params,
     batch: Batch,
     den: Denominators,
-    grad_shardings: object | None = None,
-) -> tuple[Params, dict[str, jax.Array]]:
+    grad_shardings: Any = None,
+) -> tuple[Params, Metrics]:
     """Sum of micro-batch gradients (float32, sharded like the params) and the per-micro-batch
     metrics stacked on a leading ``[M]`` axis.
 
     A micro-batch without loss tokens contributes exactly zero, so it is skipped (`lax.cond`):
     filler micro-batches from bucketing cost no compute.
     """
+    chex.assert_equal_shape_prefix(list(batch.values()), 1)  # one [M] axis to scan over
     grad_fn = jax.value_and_grad(lambda p, mb: mb_loss(p, mb, den), has_aux=True)
 
-    def compute(mb: Batch) -> tuple[Params, dict[str, jax.Array]]:
+    def compute(mb: Batch) -> tuple[Params, Metrics]:
         (_, metrics), grads = grad_fn(params, mb)
         return jax.tree.map(lambda g: g.astype(jnp.float32), grads), metrics
 
-    def body(acc: Params, mb: Batch) -> tuple[Params, dict[str, jax.Array]]:
+    def body(acc: Params, mb: Batch) -> tuple[Params, Metrics]:
         shapes = jax.eval_shape(compute, mb)
         skip = lambda _: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         grads, metrics = jax.lax.cond(jnp.any(loss_mask(mb) > 0), compute, skip, mb)
@@ -71,7 +126,7 @@ def accumulate_gradients(
     return jax.lax.scan(body, zeros, batch)
 
 
-def combine_metrics(metrics_m: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def combine_metrics(metrics_m: Metrics) -> Metrics:
     """Reduce ``[M]`` micro-batch metrics to batch metrics (see `SUM_METRICS`)."""
     tokens = metrics_m["tokens"]
     has = tokens > 0
@@ -102,7 +157,7 @@ def apply_gradients(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     skip: jax.Array,
-) -> tuple[TrainState, dict[str, jax.Array]]:
+) -> tuple[TrainState, Metrics]:
     """One optimizer update; ``skip`` leaves the state as it is. The float32 gradients drive
     the update; params and optimizer moments keep their dtypes (e.g. bfloat16)."""
 
@@ -120,20 +175,72 @@ def apply_gradients(
     return jax.lax.cond(skip, lambda s: s, update, state), metrics
 
 
-def train_step(
-    mb_loss: MicroBatchLoss,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    state: TrainState,
-    batch: Batch,
-    grad_shardings: object | None = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """Accumulate over the micro-batches of ``batch`` (stacked ``[M, ...]``), then update.
-
-    Returns the new state and scalar metrics (device arrays; nothing is synced to the host).
-    """
+def batch_gradients(
+    mb_loss: MicroBatchLoss, params: Params, batch: Batch, aux: Batch | None = None, *,
+    cfg: TransformerConfig, spec: LossSpec, mesh: Mesh | None = None,
+    grad_shardings: Any = None,
+) -> tuple[Params, Metrics]:  # fmt: skip
+    """Gradient of the whole stacked batch's loss (float32, summed over micro-batches, sharded
+    like the params when ``grad_shardings`` is given) and the batch's metrics."""
+    batch, batch_metrics = spec.prepare(params, batch, aux or {}, cfg=cfg, mesh=mesh)
+    loss = functools.partial(mb_loss, cfg=cfg, spec=spec, mesh=mesh)
     den = batch_denominators(batch)
-    grads, metrics_m = accumulate_gradients(mb_loss, state.params, batch, den, grad_shardings)
-    metrics = combine_metrics(metrics_m)
-    state, opt_metrics = apply_gradients(state, grads, tx, schedule, den.tokens == 0)
+    grads, metrics_m = accumulate_gradients(loss, params, batch, den, grad_shardings)
+    chex.assert_trees_all_equal_shapes(grads, params)
+    return grads, spec.finish(combine_metrics(metrics_m) | batch_metrics)
+
+
+def train_step(
+    mb_loss: MicroBatchLoss, state: TrainState, batch: Batch, aux: Batch | None = None, *,
+    cfg: TransformerConfig, spec: LossSpec, opt: OptimizerSpec, total_steps: int | None = None,
+    mesh: Mesh | None = None,
+) -> tuple[TrainState, Metrics]:  # fmt: skip
+    """Pure update on a stacked packed batch ``[M, ...]``: accumulate, then one optimizer step
+    (skipped without loss tokens). Jit it, or use `compile_train_step`. Returns the new state and
+    scalar metrics (device arrays; nothing is synced to the host)."""
+    check_batch(shapes_of(batch), spec.required_fields(), spec.name)
+    tx = make_optimizer(opt, total_steps)
+    layout = ParamLayout.of(state.params)
+    grad_sh = None if mesh is None else state_shardings(cfg, layout, tx, mesh).params
+    grads, metrics = batch_gradients(mb_loss, state.params, batch, aux, cfg=cfg, spec=spec,
+                                     mesh=mesh, grad_shardings=grad_sh)  # fmt: skip
+    schedule = lr_schedule(opt, total_steps)
+    state, opt_metrics = apply_gradients(state, grads, tx, schedule, metrics["tokens"] == 0)
     return state, metrics | opt_metrics
+
+
+@functools.lru_cache(maxsize=64)
+def compile_train_step(
+    mb_loss: MicroBatchLoss, spec: LossSpec, cfg: TransformerConfig, opt: OptimizerSpec,
+    total_steps: int | None, mesh: Mesh | None, layout: ParamLayout, shapes: Shapes,
+):  # fmt: skip
+    """`train_step` with ``mb_loss`` jitted for one (spec, model, optimizer, mesh, layout, batch
+    shape): explicit shardings, the state donated (it is replaced). Cached, so equal arguments
+    reuse the compiled step; ``spec.aux_keys`` inputs are replicated."""
+    tx = make_optimizer(opt, total_steps)
+    state_sh = state_shardings(cfg, layout, tx, mesh)
+    rep = replicated(mesh)
+    step = functools.partial(train_step, mb_loss, cfg=cfg, spec=spec, opt=opt,
+                             total_steps=total_steps, mesh=mesh)  # fmt: skip
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, batch_shardings(shapes, mesh), {k: rep for k in spec.aux_keys}),
+        out_shardings=(state_sh, rep),
+        donate_argnums=0,
+    )
+
+
+def run_train_step(
+    mb_loss: MicroBatchLoss, state: TrainState, packed: PackedBatch, aux: Any = None, *,
+    cfg: TransformerConfig, spec: LossSpec, opt: OptimizerSpec, total_steps: int | None = None,
+    mesh: Mesh | None = None,
+) -> tuple[TrainState, Metrics]:  # fmt: skip
+    """Host entry: transfer ``packed`` (and ``aux``, host arrays named by ``spec.aux_keys``,
+    replicated) and run the cached compiled step. ``state`` is donated: do not reuse it."""
+    aux = {k: np.asarray(v) for k, v in (aux or {}).items()}
+    if sorted(aux) != sorted(spec.aux_keys):
+        raise ValueError(f"{spec.name}: expected inputs {list(spec.aux_keys)}, got {sorted(aux)}.")
+    layout = ParamLayout.of(state.params)
+    step = compile_train_step(mb_loss, spec, cfg, opt, total_steps, mesh, layout, packed.shapes())
+    rep = replicated(mesh)
+    return step(state, put_batch(packed, mesh), {k: put(v, rep) for k, v in aux.items()})

@@ -21,9 +21,9 @@ from jaxrlhf.config import Config, ConfigError
 from jaxrlhf.data.pipeline import PromptBatch, build_prompt_pipeline
 from jaxrlhf.dfg import DataflowGraph, build_graph, run_graph
 from jaxrlhf.generation.sampler import Sampler
-from jaxrlhf.interfaces import init_train_state, pack_sequences
+from jaxrlhf.interfaces import init_train_state, pack_sequences, run_train_step
 from jaxrlhf.interfaces.packing import ShapeFloors, bucket_size
-from jaxrlhf.interfaces.sft import sft_train
+from jaxrlhf.interfaces.sft import SFTLossSpec, sft_microbatch_loss
 from jaxrlhf.logging import MetricsLogger, compile_totals
 from jaxrlhf.models import ModelHandle, build_model
 from jaxrlhf.models.build import build_critic, build_reference
@@ -167,8 +167,9 @@ class PPOCoordinator(RunLoop):
                 max_tokens_per_mb=max(self.cfg.actor.max_tokens_per_mb, width),
                 rows_multiple=self.batch_shards,
             )  # fmt: skip
-            state, _ = sft_train(state, packed, cfg=actor.config, opt_cfg=opt,
-                                 total_steps=w.steps, mesh=self.mesh)  # fmt: skip
+            state, _ = run_train_step(sft_microbatch_loss, state, packed, cfg=actor.config,
+                                      spec=SFTLossSpec(), opt=opt, total_steps=w.steps,
+                                      mesh=self.mesh)  # fmt: skip
         self.say(f"sft warm start: {w.steps} steps at lr {w.lr:g}")
         return dataclasses.replace(actor, params=state.params)
 

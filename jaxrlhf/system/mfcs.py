@@ -32,13 +32,14 @@ from jaxrlhf.interfaces import (
     PackedBatch,
     ShapeFloors,
     TrainState,
-    actor_train,
+    actor_microbatch_loss,
     bucket_size,
     compute_logprobs,
     compute_scores,
     compute_values,
-    critic_train,
+    critic_microbatch_loss,
     pack_sequences,
+    run_train_step,
     unpack,
     unpack_scalars,
 )
@@ -190,9 +191,9 @@ class PPOActor:
             fields["ref_logp"] = data["ref_logprobs"]
         metrics = _train_epochs(
             ctx, data, fields, cfg.actor.max_tokens_per_mb, "actor",
-            lambda state, packed: actor_train(
-                state, packed, cfg=m.actor_cfg, spec=spec,
-                opt_cfg=optimizer_spec(cfg.actor.optimizer), total_steps=ctx.updates_per_run,
+            lambda state, packed: run_train_step(
+                actor_microbatch_loss, state, packed, cfg=m.actor_cfg, spec=spec,
+                opt=optimizer_spec(cfg.actor.optimizer), total_steps=ctx.updates_per_run,
                 mesh=ctx.mesh,
             ),
         )  # fmt: skip
@@ -250,9 +251,9 @@ class PPOCritic:
             fields["old_values"] = data["values"]
         metrics = _train_epochs(
             ctx, data, fields, cfg.critic.max_tokens_per_mb, "critic",
-            lambda state, packed: critic_train(
-                state, packed, cfg=m.critic_cfg, spec=spec,
-                opt_cfg=optimizer_spec(cfg.critic.optimizer), total_steps=ctx.updates_per_run,
+            lambda state, packed: run_train_step(
+                critic_microbatch_loss, state, packed, cfg=m.critic_cfg, spec=spec,
+                opt=optimizer_spec(cfg.critic.optimizer), total_steps=ctx.updates_per_run,
                 mesh=ctx.mesh,
             ),
         )  # fmt: skip

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from jaxrlhf.data.sft import ExampleTable, PairExample, load_pair_table
-from jaxrlhf.interfaces import PackedBatch
-from jaxrlhf.interfaces.rm import pack_pairs, rm_eval, rm_train
+from jaxrlhf.interfaces import PackedBatch, run_train_step
+from jaxrlhf.interfaces.rm import RMLossSpec, pack_pairs, rm_eval, rm_microbatch_loss
 from jaxrlhf.system.reward_model import save_reward_model
 from jaxrlhf.system.specs import optimizer_spec
 from jaxrlhf.system.supervised import SupervisedTrainer
@@ -47,10 +47,10 @@ class RMTrainer(SupervisedTrainer):
 
     def train_on(self, examples: list[PairExample]) -> dict[str, Any]:
         packed, pairs = self.pack(examples)
-        self.state, metrics = rm_train(
-            self.state, packed, pairs, cfg=self.handle.config,
-            opt_cfg=optimizer_spec(self.cfg.actor.optimizer), total_steps=self.total,
-            mesh=self.mesh,
+        self.state, metrics = run_train_step(
+            rm_microbatch_loss, self.state, packed, pairs, cfg=self.handle.config,
+            spec=RMLossSpec(), opt=optimizer_spec(self.cfg.actor.optimizer),
+            total_steps=self.total, mesh=self.mesh,
         )  # fmt: skip
         return metrics | {"seq_tokens": packed.real_tokens()}
 

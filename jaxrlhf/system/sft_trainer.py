@@ -12,8 +12,8 @@ import math
 from typing import Any
 
 from jaxrlhf.data.sft import ExampleTable, SFTExample, load_sft_table
-from jaxrlhf.interfaces import PackedBatch, pack_sequences
-from jaxrlhf.interfaces.sft import sft_eval, sft_train
+from jaxrlhf.interfaces import PackedBatch, pack_sequences, run_train_step
+from jaxrlhf.interfaces.sft import SFTLossSpec, sft_eval, sft_microbatch_loss
 from jaxrlhf.system.specs import optimizer_spec
 from jaxrlhf.system.supervised import SupervisedTrainer
 
@@ -42,10 +42,9 @@ class SFTTrainer(SupervisedTrainer):
 
     def train_on(self, examples: list[SFTExample]) -> dict[str, Any]:
         packed = self.pack(examples)
-        self.state, metrics = sft_train(
-            self.state, packed, cfg=self.handle.config,
-            opt_cfg=optimizer_spec(self.cfg.actor.optimizer), total_steps=self.total,
-            mesh=self.mesh,
+        self.state, metrics = run_train_step(
+            sft_microbatch_loss, self.state, packed, cfg=self.handle.config, spec=SFTLossSpec(),
+            opt=optimizer_spec(self.cfg.actor.optimizer), total_steps=self.total, mesh=self.mesh,
         )  # fmt: skip
         return metrics | {"seq_tokens": packed.real_tokens()}
 
