@@ -52,6 +52,29 @@ def test_gsm8k_jsonl_field_mapping_and_left_padded_batches(tok):
     assert b.row_ids_b.tolist() == b.sample_ids_b.tolist() == [0, 1, 2, 3] and b.step == 0
 
 
+def test_row_metadata_from_jsonl_parquet_and_hf(tok, tmp_path):
+    """Every field but the prompt and answer keys reaches the batch as the row's metadata (for
+    reward functions), from each reader; the built-in task has none."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"q": f"{i}+1=", "a": str(i + 1), "id": i, "extra": {"tests": [i, -i]}}
+            for i in range(4)]  # fmt: skip
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    want = tuple({"id": r["id"], "extra": r["extra"]} for r in rows)
+    for path in ("rows.jsonl", "rows.parquet", "hf"):
+        cfg = DataConfig(train_path=str(tmp_path / path), prompt_key="q", answer_key="a",
+                         batch_size=4, shuffle=False)  # fmt: skip
+        batch = next(build_prompt_pipeline(cfg, tok).iterator())
+        assert batch.metadata == want, path
+        assert batch.row_metadata(2) == want[2]
+    toy = next(build_prompt_pipeline(DataConfig(batch_size=2), tok).iterator())
+    assert toy.metadata == ({}, {})
+
+
 def test_bad_rows_are_counted_skipped_and_named(tok, tmp_path, caplog):
     good = sample_rows()[:6]
     lines = [json.dumps(good[0]), '{"question": "Half a line', json.dumps(good[1]), ""]

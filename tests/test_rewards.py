@@ -348,3 +348,36 @@ def test_score_batch_rejects_mismatched_lengths() -> None:
 def test_pool_rejects_unpicklable_function() -> None:
     with pytest.raises(Exception, match="cannot be sent to a worker process"):
         RewardPool(lambda response, answer: 1.0, num_workers=1)
+
+
+BY_MODE = "reward_helpers:by_mode"
+MODES = [  # (metadata, expected score, failure kind)
+    ({"mode": "ok", "value": 0.25, "echo": "p0"}, 0.25, None),
+    ({"mode": "raise"}, 0.0, "errors"),
+    ({"mode": "hang", "sleep_s": 0.6}, 0.0, "timeouts"),
+    ({"mode": "string"}, 0.0, "errors"),
+    ({"mode": "nan"}, 0.0, "errors"),
+    ({"mode": "ok", "value": 0.75, "echo": "p5"}, 0.75, None),
+]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_failures_score_zero_and_are_counted(workers: int) -> None:
+    """In process and in workers alike: raising, late, string and NaN items score 0 and are
+    counted; the first failure in input order is the one reported; the prompt and metadata
+    reach the function."""
+    from jaxrlhf.rewards import RewardPool, get_reward_fn, score_in_process
+
+    metadata = [m for m, _, _ in MODES]
+    prompts = [f"p{i}" for i in range(len(MODES))]
+    items = (["r"] * len(MODES), ["a"] * len(MODES))
+    if workers:
+        with RewardPool(BY_MODE, workers, timeout=0.3) as pool:
+            report = pool.run(*items, prompts=prompts, metadata=metadata)
+    else:
+        fn = get_reward_fn(BY_MODE)
+        report = score_in_process(fn, *items, prompts=prompts, metadata=metadata, timeout=0.3)
+    assert report.scores == [s for _, s, _ in MODES]
+    assert report.errors == sum(k == "errors" for _, _, k in MODES)
+    assert report.timeouts == sum(k == "timeouts" for _, _, k in MODES)
+    assert report.first_index == 1 and "ValueError: bad row 'p1'" in report.first_failure

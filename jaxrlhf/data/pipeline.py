@@ -51,9 +51,14 @@ class PromptBatch:
     row_ids_b: np.ndarray  # int64: index of each row in the dataset
     sample_ids_b: np.ndarray  # int64: position in the global stream (unique within a run)
     step: int  # index of the global batch (0-based)
+    metadata: tuple[dict[str, Any], ...] = ()  # each row's other fields, for reward functions
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def row_metadata(self, i: int) -> dict[str, Any] | None:
+        """Row ``i``'s other dataset fields; None for a batch built without them."""
+        return self.metadata[i] if self.metadata else None
 
 
 def load_tokenizer(name_or_path: str | None) -> Any:
@@ -184,6 +189,7 @@ class PromptPipeline:
             row_ids_b=ids_b,
             sample_ids_b=first + local.astype(np.int64),
             step=step,
+            metadata=tuple(self.table.metadata[r] for r in ids_b),
         )
 
 

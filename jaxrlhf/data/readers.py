@@ -118,26 +118,28 @@ def _check_columns(name: str, available: Sequence[str], columns: Sequence[str]) 
 
 
 def read_parquet(path: str | os.PathLike, columns: Sequence[str]) -> Iterator[RawRow]:
-    """Rows of a Parquet file, reading only ``columns`` (top-level names of the keys)."""
+    """Rows of a Parquet file with every column (the ones past ``columns``, the top-level names
+    of the keys, reach reward functions as metadata); a missing key column is an error."""
     import pyarrow.parquet as pq  # imported here: only Parquet sources need pyarrow
 
     path = Path(path)
     pf = pq.ParquetFile(path)
-    wanted = _check_columns(str(path), pf.schema_arrow.names, columns)
+    _check_columns(str(path), pf.schema_arrow.names, columns)
     index = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=wanted):
+    for batch in pf.iter_batches(batch_size=1024):
         for row in batch.to_pylist():
             index += 1
             yield RawRow(f"{path} row {index}", row)
 
 
 def _hf_rows(name: str, ds: Any, columns: Sequence[str]) -> Iterator[RawRow]:
-    wanted = _check_columns(name, ds.column_names, columns)
+    _check_columns(name, ds.column_names, columns)
+    names = list(ds.column_names)
     index = 0
-    for batch in ds.select_columns(wanted).iter(batch_size=1024):
-        for values in zip(*(batch[c] for c in wanted), strict=True):
+    for batch in ds.iter(batch_size=1024):
+        for values in zip(*(batch[c] for c in names), strict=True):
             index += 1
-            yield RawRow(f"{name} row {index}", dict(zip(wanted, values, strict=True)))
+            yield RawRow(f"{name} row {index}", dict(zip(names, values, strict=True)))
 
 
 def _pick_split(name: str, ds: Any, split: str) -> Any:

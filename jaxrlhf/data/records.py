@@ -48,12 +48,14 @@ class DataStats:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PromptTable:
-    """The clean dataset: rendered prompt text, answer, token ids and origin of each row."""
+    """The clean dataset: rendered prompt text, answer, token ids, origin and the other fields
+    of each row (``metadata``: the row minus its prompt and answer keys, for reward functions)."""
 
     prompts: tuple[str, ...]
     answers: tuple[str, ...]
     token_ids: tuple[np.ndarray, ...]  # int32 [len_i] each
     where: tuple[str, ...]
+    metadata: tuple[dict[str, Any], ...]
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -107,8 +109,9 @@ class _Checker:
 
 def _render(
     row: RawRow, keys: tuple[str, str], tokenizer: Any, chat_template: bool, check: _Checker
-) -> tuple[str, str, bool] | None:
-    """The prompt text, answer and whether a chat template rendered it; None for a bad row."""
+) -> tuple[str, str, bool, dict[str, Any]] | None:
+    """The prompt text, answer, whether a chat template rendered it and the row's other fields;
+    None for a bad row."""
     if row.fields is None:
         check.bad(row.where, "bad_json", row.error or "unparseable row")
         return None
@@ -130,7 +133,8 @@ def _render(
         what = "empty" if isinstance(prompt, str) else f"a {type(prompt).__name__}"
         check.bad(row.where, "bad_value", f"prompt {keys[0]!r} is {what}")
         return None
-    return prompt, str(answer), templated
+    metadata = {k: v for k, v in row.fields.items() if k not in keys}
+    return prompt, str(answer), templated, metadata
 
 
 def _encode(tokenizer: Any, texts: list[str], templated: list[bool]) -> list[list[int]]:
@@ -169,10 +173,11 @@ def build_table(
     answers: list[str] = []
     token_ids: list[np.ndarray] = []
     where: list[str] = []
+    metadata: list[dict[str, Any]] = []
 
-    def flush(pending: list[tuple[str, str, bool, str]]) -> None:
+    def flush(pending: list[tuple[str, str, bool, dict[str, Any], str]]) -> None:
         encoded = _encode(tokenizer, [p[0] for p in pending], [p[2] for p in pending])
-        for (text, answer, _, at), ids in zip(pending, encoded, strict=True):
+        for (text, answer, _, meta, at), ids in zip(pending, encoded, strict=True):
             if len(ids) > max_prompt_len:
                 check.bad(at, "too_long", f"prompt has {len(ids)} tokens > {max_prompt_len}")
                 continue
@@ -180,9 +185,10 @@ def build_table(
             answers.append(answer)
             token_ids.append(np.asarray(ids, np.int32))
             where.append(at)
+            metadata.append(meta)
         pending.clear()
 
-    pending: list[tuple[str, str, bool, str]] = []
+    pending: list[tuple[str, str, bool, dict[str, Any], str]] = []
     for row in source.rows:
         stats.rows_read += 1
         rendered = _render(row, keys, tokenizer, apply_chat_template, check)
@@ -199,5 +205,7 @@ def build_table(
         )
     if not prompts:
         raise DataError(f"{source.name}: no usable prompts ({stats.rows_read} rows read).")
-    table = PromptTable(tuple(prompts), tuple(answers), tuple(token_ids), tuple(where))
+    table = PromptTable(
+        tuple(prompts), tuple(answers), tuple(token_ids), tuple(where), tuple(metadata)
+    )
     return table, stats

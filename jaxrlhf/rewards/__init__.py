@@ -16,7 +16,8 @@ a float. Select one by name from a config:
 - a custom function as ``"package.module:function"`` (resolved from ``sys.path``).
 
 ``get_reward_fn(name_or_path)`` returns the function with the full signature above;
-``score_batch`` / ``RewardPool`` score many items in worker processes under a per-item deadline.
+``score_batch`` / ``RewardPool`` score many items in worker processes under a per-item deadline,
+``score_in_process`` in this one; both report failures in a ``ScoreReport``.
 """
 
 from jaxrlhf.rewards.answer_extraction import extract_answer, extract_reference
@@ -24,7 +25,7 @@ from jaxrlhf.rewards.answer_matching import REL_TOL, answers_match
 from jaxrlhf.rewards.base import REWARDS, RewardFn, RewardLoadError, get_reward_fn
 from jaxrlhf.rewards.format_rewards import format_boxed, format_think, format_think_answer
 from jaxrlhf.rewards.math_rewards import math_boxed_reward, math_reward
-from jaxrlhf.rewards.parallel import RewardPool, score_batch
+from jaxrlhf.rewards.parallel import RewardPool, ScoreReport, score_batch, score_in_process
 from jaxrlhf.rewards.symbolic import symbolic_equal
 from jaxrlhf.rewards.worker import WorkerError
 
@@ -34,6 +35,7 @@ __all__ = [
     "RewardFn",
     "RewardLoadError",
     "RewardPool",
+    "ScoreReport",
     "WorkerError",
     "answers_match",
     "extract_answer",
@@ -45,5 +47,6 @@ __all__ = [
     "math_boxed_reward",
     "math_reward",
     "score_batch",
+    "score_in_process",
     "symbolic_equal",
 ]

@@ -6,6 +6,7 @@ import difflib
 import functools
 import importlib
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -38,7 +39,8 @@ def get_reward_fn(name_or_fn: str | Callable[..., Any]) -> RewardFn:
     """Resolve a registered name, a ``"package.module:function"`` path, or a callable.
 
     The result always takes ``(response, answer, *, prompt=None, metadata=None)`` and returns a
-    float; ``prompt`` / ``metadata`` are passed on only to functions that declare them (or
+    finite float (anything else, a numeric string included, raises TypeError / ValueError);
+    ``prompt`` / ``metadata`` are passed on only to functions that declare them (or
     ``**kwargs``). The original spec is kept as ``fn.reward_spec`` so that worker processes can
     load the same function again.
     """
@@ -131,11 +133,18 @@ def _adapt(spec: str | Callable[..., Any], label: str) -> RewardFn:
             kwargs["metadata"] = metadata
         value = fn(response, answer, **kwargs)
         try:
-            return float(value)
+            if isinstance(value, str | bytes):
+                raise TypeError
+            score = float(value)
         except (TypeError, ValueError):
             raise TypeError(
                 f"reward function {label!r} returned {type(value).__name__}, expected a float."
             ) from None
+        if not math.isfinite(score):
+            raise ValueError(
+                f"reward function {label!r} returned {score}, expected a finite float."
+            )
+        return score
 
     reward.reward_spec = spec  # type: ignore[attr-defined]
     return reward

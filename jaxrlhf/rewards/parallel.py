@@ -2,12 +2,15 @@
 
 A worker whose item outlives ``timeout`` is killed and replaced; that item scores 0.0 and every
 other item keeps its result, in input order. An item whose function raises, returns a non-number,
-or kills its worker also scores 0.0, with a warning. Workers are fresh interpreters (see
-:mod:`jaxrlhf.rewards.worker`), so this is safe to call from a process that has started JAX.
+or kills its worker also scores 0.0. `ScoreReport` counts both kinds of failure and keeps the
+first message; `RewardPool.score` and `score_batch` log one warning per call that had failures.
+Workers are fresh interpreters (see :mod:`jaxrlhf.rewards.worker`), so this is safe to call from
+a process that has started JAX.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -15,7 +18,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
-from jaxrlhf.rewards.base import get_reward_fn
+from jaxrlhf.rewards.base import RewardFn, get_reward_fn
 from jaxrlhf.rewards.worker import Worker, WorkerError
 
 log = logging.getLogger(__name__)
@@ -48,12 +51,65 @@ def _item_kwargs(
     }
 
 
-def _to_score(value: Any, index: int) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        log.warning("reward item %d returned %s, not a float; scored 0.0", index, type(value))
-        return 0.0
+@dataclasses.dataclass
+class ScoreReport:
+    """Scores in input order, and the items that scored 0.0 because they failed."""
+
+    scores: list[float]
+    errors: int = 0  # raised, returned a non-number, or killed its worker
+    timeouts: int = 0  # outlived their deadline
+    first_failure: str | None = None  # of the failed item first in input order: "item 3: ..."
+    first_index: int | None = None
+
+    def fail(self, index: int, message: str, *, timeout: bool = False) -> None:
+        """Item ``index`` scores 0.0; count it and keep the first message in input order."""
+        self.scores[index] = 0.0
+        if timeout:
+            self.timeouts += 1
+        else:
+            self.errors += 1
+        if self.first_index is None or index < self.first_index:
+            self.first_index, self.first_failure = index, f"item {index}: {message}"
+        log.debug("reward item %d scored 0.0: %s", index, message)
+
+    def warn(self) -> None:
+        """One warning if any item failed."""
+        if self.errors or self.timeouts:
+            log.warning(
+                "%d reward items failed and %d timed out (scored 0.0); the first: %s",
+                self.errors, self.timeouts, self.first_failure,
+            )  # fmt: skip
+
+
+def score_in_process(
+    reward: RewardFn,
+    responses: Sequence[str],
+    answers: Sequence[str],
+    *,
+    prompts: Sequence[str | None] | None = None,
+    metadata: Sequence[dict[str, Any] | None] | None = None,
+    timeout: float = float("inf"),
+) -> ScoreReport:
+    """Score every item with ``reward`` (from `get_reward_fn`) in this thread.
+
+    Nothing here can interrupt a function that hangs: an item that returns after ``timeout``
+    seconds scores 0.0 and counts as a timeout (as it would in a pool), but the call waits for it.
+    """
+    _check_lengths(responses, answers, prompts, metadata)
+    report = ScoreReport([0.0] * len(responses))
+    for i, (response, answer) in enumerate(zip(responses, answers, strict=True)):
+        start = time.monotonic()
+        try:
+            value = reward(response, answer, **_item_kwargs(i, prompts, metadata))
+        except Exception as e:
+            report.fail(i, f"{type(e).__name__}: {e}")
+            continue
+        elapsed = time.monotonic() - start
+        if elapsed > timeout:
+            report.fail(i, f"took {elapsed:.1f} s, past the {timeout:g} s deadline", timeout=True)
+        else:
+            report.scores[i] = value
+    return report
 
 
 class RewardPool:
@@ -96,9 +152,23 @@ class RewardPool:
         timeout: float | None = None,
     ) -> list[float]:
         """One float per response, in order; items past ``timeout`` seconds score 0.0."""
+        report = self.run(responses, answers, prompts=prompts, metadata=metadata, timeout=timeout)
+        report.warn()
+        return report.scores
+
+    def run(
+        self,
+        responses: Sequence[str],
+        answers: Sequence[str],
+        *,
+        prompts: Sequence[str | None] | None = None,
+        metadata: Sequence[dict[str, Any] | None] | None = None,
+        timeout: float | None = None,
+    ) -> ScoreReport:
+        """As `score`, with the failures counted instead of logged."""
         _check_lengths(responses, answers, prompts, metadata)
         timeout = self.timeout if timeout is None else timeout
-        scores = [0.0] * len(responses)
+        report = ScoreReport([0.0] * len(responses))
         pending = deque(range(len(responses)))
         idle = [w for w in self._workers if w.ready]
         busy: dict[Any, Worker] = {}  # connection -> worker with one item in flight
@@ -137,25 +207,23 @@ class RewardPool:
                     idle.append(worker)
                     continue
                 worker = busy.pop(conn)
+                index = worker.busy_index
                 try:
                     status, index, value = worker.receive()
                 except WorkerError as e:
-                    log.warning("%s Scored 0.0; starting a new worker.", e)
+                    report.fail(index, str(e))
                     replace(worker)
                     continue
                 if status == "ok":
-                    scores[index] = _to_score(value, index)
+                    report.scores[index] = value  # the worker's `get_reward_fn` checked it
                 else:
-                    log.warning("reward item %d failed (%s); scored 0.0", index, value)
+                    report.fail(index, value)
                 idle.append(worker)
             now = time.monotonic()
             for conn, worker in list(busy.items()):
                 if now >= worker.deadline:
-                    log.warning(
-                        "reward item %d exceeded %g s; scored 0.0 and its worker was killed",
-                        worker.busy_index,
-                        timeout,
-                    )
+                    message = f"exceeded {timeout:g} s; its worker was killed"
+                    report.fail(worker.busy_index, message, timeout=True)
                     del busy[conn]
                     worker.kill()
                     replace(worker)
@@ -163,7 +231,7 @@ class RewardPool:
                 raise WorkerError(f"a reward worker did not start within {STARTUP_TIMEOUT_S} s.")
             if not starting:
                 start_deadline = float("inf")
-        return scores
+        return report
 
     def close(self) -> None:
         """Stop every worker."""
@@ -191,20 +259,16 @@ def score_batch(
     """Score every ``(response, answer)`` pair with ``fn``; one float per response, in order.
 
     ``num_workers > 0`` uses a temporary :class:`RewardPool` (keep a pool instead when scoring
-    every step). ``num_workers=0`` scores in this process: exceptions still score 0.0, math
-    rewards still bound their symbolic check by their own timeout, but nothing can stop a custom
-    function that hangs.
+    every step). ``num_workers=0`` scores in this process (`score_in_process`): exceptions still
+    score 0.0, math rewards still bound their symbolic check by their own timeout, and a result
+    that comes back after ``timeout`` scores 0.0, but nothing can stop a custom function that
+    hangs.
     """
     _check_lengths(responses, answers, prompts, metadata)
     if num_workers > 0:
         with RewardPool(fn, num_workers, timeout=timeout) as pool:
             return pool.score(responses, answers, prompts=prompts, metadata=metadata)
-    reward = get_reward_fn(fn)
-    scores = []
-    for i, (response, answer) in enumerate(zip(responses, answers, strict=True)):
-        try:
-            scores.append(reward(response, answer, **_item_kwargs(i, prompts, metadata)))
-        except Exception as e:
-            log.warning("reward item %d failed (%s: %s); scored 0.0", i, type(e).__name__, e)
-            scores.append(0.0)
-    return scores
+    report = score_in_process(get_reward_fn(fn), responses, answers, prompts=prompts,
+                              metadata=metadata, timeout=timeout)  # fmt: skip
+    report.warn()
+    return report.scores

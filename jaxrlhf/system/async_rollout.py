@@ -28,9 +28,15 @@ from jaxrlhf.system.trajectory_queue import BufferClosed, TrajectoryBuffer
 
 
 def group_trajectories(
-    prompt: np.ndarray, output: RequestOutput, prompt_text: str, answer: str, tokenizer: Any
+    prompt: np.ndarray,
+    output: RequestOutput,
+    prompt_text: str,
+    answer: str,
+    tokenizer: Any,
+    metadata: dict[str, Any] | None = None,
 ) -> Trajectories:
-    """One finished request (``n`` completions of ``prompt``) as token-aligned `Trajectories`."""
+    """One finished request (``n`` completions of ``prompt``) as token-aligned `Trajectories`;
+    ``metadata`` is the dataset row's other fields."""
     p = len(prompt)
     ids, mask, logp, versions, texts = [], [], [], [], []
     for c in output.completions:
@@ -51,6 +57,7 @@ def group_trajectories(
         prompts=[prompt_text] * n,
         responses=texts,
         answers=[answer] * n,
+        metadata=[metadata] * n,
         group_size=n,
     )
 
@@ -69,6 +76,7 @@ def concat_trajectories(groups: list[Trajectories]) -> Trajectories:
         prompts=cat("prompts"),
         responses=cat("responses"),
         answers=cat("answers"),
+        metadata=cat("metadata"),
         group_size=groups[0].group_size,
     )
 
@@ -167,13 +175,17 @@ class RolloutProducer:
                 self._idle_since = None
             self._in_flight += 1
         handle = self.server.submit(prompt, params, request_id=f"group-{uid}")
-        handle.add_done_callback(
-            lambda h: self._done(h, uid, prompt, batch.prompts[i], batch.answers[i])
-        )
+        row = (batch.prompts[i], batch.answers[i], batch.row_metadata(i))
+        handle.add_done_callback(lambda h: self._done(h, uid, prompt, row))
 
-    def _done(self, handle: Any, uid: int, prompt: np.ndarray, text: str, answer: str) -> None:
+    def _done(
+        self, handle: Any, uid: int, prompt: np.ndarray, row: tuple[str, str, dict | None]
+    ) -> None:
+        text, answer, metadata = row
         try:
-            traj = group_trajectories(prompt, handle.result(), text, answer, self.tokenizer)
+            traj = group_trajectories(
+                prompt, handle.result(), text, answer, self.tokenizer, metadata
+            )
             with self._lock:
                 self.tokens += int(traj.response_lens.sum())
                 self.samples += len(traj)

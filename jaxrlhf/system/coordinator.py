@@ -31,8 +31,9 @@ from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.system.generation_strategy import GenerationStrategy, generation_strategy
 from jaxrlhf.system.mfcs import Models, StepContext
 from jaxrlhf.system.reward_model import load_reward_model
-from jaxrlhf.system.rollout import generate_trajectories, reward_function
+from jaxrlhf.system.rollout import generate_trajectories
 from jaxrlhf.system.run_loop import RunLoop
+from jaxrlhf.system.scoring import Scorer
 from jaxrlhf.system.specs import optimizer_spec
 
 # Every process reads the whole global batch (the same host program on the same data); device
@@ -50,6 +51,7 @@ def concat_batches(batches: list[PromptBatch]) -> PromptBatch:
         row_ids_b=np.concatenate([b.row_ids_b for b in batches]),
         sample_ids_b=np.concatenate([b.sample_ids_b for b in batches]),
         step=batches[0].step,
+        metadata=tuple(m for b in batches for m in b.metadata),
     )
 
 
@@ -70,7 +72,7 @@ class PPOCoordinator(RunLoop):
         super().__init__(cfg, devices=self.generation.train_devices())
         self.graph: DataflowGraph = build_graph(cfg)
         self.impls = self.graph.resolve_interfaces()
-        self.reward_fn = reward_function(cfg)
+        self.scorer = Scorer(cfg)  # closed at the end of `run`
         algo = cfg.algorithm
         self.updates_per_run = cfg.experiment.total_steps * algo.ppo_epochs * algo.n_minibatches
         self.train_pipe = build_prompt_pipeline(
@@ -208,15 +210,17 @@ class PPOCoordinator(RunLoop):
         return self.checkpointer.export_hf(handle, tokenizer=self.tokenizer)
 
     def run(self) -> dict[str, Any]:
-        """Train as `RunLoop.run` does; background generation stops at the end."""
+        """Train as `RunLoop.run` does; background generation and reward workers stop at the
+        end."""
         try:
             return super().run()
         finally:
-            self.generation.close()
+            self.close()
 
     def close(self) -> None:
-        """Stop background generation (a run does this itself)."""
+        """Stop background generation and the reward workers (a run does this itself)."""
         self.generation.close()
+        self.scorer.close()
 
     # ----------------------------------------------------------------------- steps
 
@@ -245,8 +249,7 @@ class PPOCoordinator(RunLoop):
         traj = generate_trajectories(self.current_sampler(), batch, self.tokenizer,
                                      self.cfg.generation, seed=0, version=self.version,
                                      greedy=True)  # fmt: skip
-        scores = np.asarray([self.reward_fn(r, a) for r, a in
-                             zip(traj.responses, traj.answers, strict=True)])  # fmt: skip
+        scores, _ = self.scorer.score(traj)  # as training scores: reward.scale / clip apply
         return {
             "eval/reward": float(scores.mean()),
             "eval/response_len": float(traj.response_lens.mean()),
@@ -257,7 +260,7 @@ class PPOCoordinator(RunLoop):
         """What this step's MFC implementations see."""
         return StepContext(
             cfg=self.cfg, mesh=self.mesh, models=self.models, generation=self.generation,
-            tokenizer=self.tokenizer, reward_fn=self.reward_fn, step=self.step,
+            tokenizer=self.tokenizer, scorer=self.scorer, step=self.step,
             version=self.version, updates_per_run=self.updates_per_run,
             shape_floors=self.shape_floors,
         )  # fmt: skip

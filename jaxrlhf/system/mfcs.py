@@ -45,7 +45,8 @@ from jaxrlhf.interfaces import (
 )
 from jaxrlhf.models.config import TransformerConfig
 from jaxrlhf.models.transformer import Params
-from jaxrlhf.system.rollout import Trajectories, response_aligned, score, token_aligned
+from jaxrlhf.system.rollout import Trajectories, response_aligned, token_aligned
+from jaxrlhf.system.scoring import Scorer
 from jaxrlhf.system.specs import actor_loss_spec, critic_loss_spec, optimizer_spec
 
 Data = dict[str, Any]
@@ -74,7 +75,7 @@ class StepContext:
     models: Models
     generation: Any  # the coordinator's `GenerationStrategy`: where actor_gen's samples come from
     tokenizer: Any
-    reward_fn: Any
+    scorer: Scorer  # the run's reward (training and evaluation score through it)
     step: int  # 1-based RL step
     version: int  # policy version that generates this step's samples
     updates_per_run: int  # optimizer updates over the whole run (the lr schedule horizon)
@@ -270,9 +271,9 @@ class RuleReward:
     @staticmethod
     def compute(ctx: StepContext, mfc: MFC, data: Data) -> Data:
         traj: Trajectories = data["trajectories"]
-        scores = score(traj, ctx.reward_fn, ctx.cfg)
+        scores, failures = ctx.scorer.score(traj)
         groups = scores.reshape(-1, traj.group_size)
-        ctx.metrics |= {
+        ctx.metrics |= failures | {
             "reward/mean": float(scores.mean()),
             "reward/std": float(scores.std()),
             "reward/zero_std_group_frac": float((groups.std(axis=1) == 0).mean()),

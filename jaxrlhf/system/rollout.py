@@ -1,4 +1,5 @@
-"""Rollout: prompts -> n sampled responses per prompt -> rewards -> `Trajectories`.
+"""Rollout: prompts -> n sampled responses per prompt -> `Trajectories` (scored by
+`jaxrlhf.system.scoring`).
 
 Trajectories are per-sample host arrays in the *token-aligned* layout the train steps use: entry
 t of a per-token field belongs to token t of ``prompt + response`` (its log-prob is computed from
@@ -8,17 +9,15 @@ position t - 1). Prompt tokens carry ``response_mask`` 0, so they never enter a 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from jaxrlhf.config import Config, GenerationConfig
+from jaxrlhf.config import GenerationConfig
 from jaxrlhf.data.pipeline import PromptBatch
-from jaxrlhf.data.readers import PROMPT_TASKS
 from jaxrlhf.generation import generate
 from jaxrlhf.generation.sampler import Sampler
-from jaxrlhf.rewards import get_reward_fn, math_reward
 
 
 @dataclasses.dataclass
@@ -35,8 +34,9 @@ class Trajectories:
     prompts: list[str]
     responses: list[str]
     answers: list[str]
+    metadata: list[dict[str, Any] | None]  # the dataset row's other fields (reward functions)
     group_size: int
-    scores: np.ndarray | None = None  # float32 [N], filled by `score`
+    scores: np.ndarray | None = None  # float32 [N], filled by `Scorer.score`
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -126,25 +126,6 @@ def generate_trajectories(
         prompts=[batch.prompts[r // n] for r in range(len(ids))],
         responses=texts,
         answers=[batch.answers[r // n] for r in range(len(ids))],
+        metadata=[batch.row_metadata(r // n) for r in range(len(ids))],
         group_size=n,
     )
-
-
-def reward_function(cfg: Config) -> Callable[[str, str], float]:
-    """``reward.fn`` if set; else the built-in task's exact checker, or the math verifier."""
-    if cfg.reward.fn is not None:
-        return get_reward_fn(cfg.reward.fn)
-    task = cfg.data.train_path or "arithmetic"
-    if task in PROMPT_TASKS:
-        return PROMPT_TASKS.get(task)().score
-    return math_reward
-
-
-def score(traj: Trajectories, fn: Callable[[str, str], float], cfg: Config) -> np.ndarray:
-    """Scores of every sample (scaled and clipped as ``reward.*`` says); stored on ``traj``."""
-    raw = np.asarray([fn(r, a) for r, a in zip(traj.responses, traj.answers, strict=True)])
-    scores = raw.astype(np.float32) * cfg.reward.scale
-    if cfg.reward.clip is not None:
-        scores = np.clip(scores, -cfg.reward.clip, cfg.reward.clip)
-    traj.scores = scores
-    return scores
