@@ -13,8 +13,10 @@ PPO with a critic is ``actor_gen -> rew_inf, ref_inf, critic_inf -> advantages -
 critic_train``. GRPO drops the critic; Dr.GRPO / RLOO / REINFORCE++ only change the estimator
 option of ``advantages``; ``ref_inf`` exists when ``cfg.use_ref``; ``rm_inf`` (a learned reward
 model, whose scores ``advantages`` adds to the rule-based ``scores``) when
-``cfg.reward_model.enabled``; ``actor_inf`` (proximal logprobs) in async mode with
-``algorithm.decoupled_loss``.
+``cfg.reward_model.enabled``. Async mode has the same graph, except that ``actor_gen`` takes
+finished groups from the generation server (the step's data starts empty, with no dataset keys)
+and, with ``algorithm.decoupled_loss`` and ``async_ppo.proximal: recompute``, ``actor_inf``
+computes the proximal log-probs (``fused`` takes them inside the single update instead).
 
 An MFC names its implementation by ``interface`` (a name in `MFC_INTERFACES`, e.g. the
 ``ppo_actor`` interface serves ``generate``, ``inference`` and ``train``) and ``interface_type``.
@@ -60,7 +62,7 @@ INTERFACE_TYPES: tuple[str, ...] = get_args(InterfaceType)
 # ids and reference answers); everything else is produced by an MFC.
 DATASET_KEYS: tuple[str, ...] = ("prompt_batch", "prompt_ids", "answers")
 
-# Implementations of MFC interfaces, looked up by `MFC.interface` (filled by jaxrlhf.interfaces).
+# Implementations of MFC interfaces, looked up by `MFC.interface` (filled by jaxrlhf.system.mfcs).
 MFC_INTERFACES: Registry[Any] = Registry("MFC interface")
 
 # How to get each model role built, for the "role with no model" error.
