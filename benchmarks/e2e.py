@@ -3,8 +3,10 @@
 Two jaxrlhf workloads, each a `PPOCoordinator.train_step` (generate, reward, advantages, every
 train MFC, the weight sync to the sampler):
 
-- ``toy``: ``configs/toy_ppo.yaml`` as shipped (PPO with critic and reference, 8 prompts x 4
-  samples x up to 16 tokens, 2 epochs x 2 minibatches).
+- ``toy``: ``configs/toy_ppo.yaml`` as shipped: GRPO advantages with the PPO clipped loss, no
+  critic, a reference (its KL is logged, ``kl_coef`` 0), 32 prompts x 8 samples x up to 8 new
+  tokens, one update per batch (1 epoch x 1 minibatch). Its 70-step SFT warm start runs while
+  the coordinator is built, outside the timed steps.
 - ``grpo``: the Qwen2-shaped bench model (4 layers, hidden 512, intermediate 1408, 8 heads, 2 kv
   heads, head_dim 64, vocab 32768, tied, float32), random init, 1 prompt x 8 samples x exactly 64
   new tokens (``generation.min_new_tokens=64``), temperature 1, beta (KL) 0 so no reference, one
