@@ -29,11 +29,10 @@ import pytest
 
 from jaxrlhf.config import ConfigError, DistributedConfig, load_config
 from jaxrlhf.system import distributed
+from jaxrlhf.system.local_processes import child_env, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = str(Path(__file__).with_name("multiprocess_ppo.py"))
-sys.path.insert(0, str(ROOT / "launchers"))
-from local_processes import child_env, free_port  # noqa: E402
 
 HEARTBEAT_S = 4.0
 TINY = [
