@@ -471,9 +471,11 @@ def build_graph(cfg: Config) -> DataflowGraph:
     seq = ("input_ids", "response_mask")
 
     def model_call(name: str, role: Role, interface: str, out: str, tokens: int) -> MFC:
+        # a forward over whole sequences: prompt positions are computed too (and ignored)
         return MFC(
-            name, role, "inference", interface, seq, (out,), MicroBatchSpec(max_tokens=tokens)
-        )
+            name, role, "inference", interface, ("input_ids",), (out,),
+            MicroBatchSpec(max_tokens=tokens),
+        )  # fmt: skip
 
     gen_options: dict[str, Any] = {"n_samples": g.n_samples, "max_new_tokens": g.max_new_tokens}
     if is_async:
@@ -566,7 +568,8 @@ def build_graph(cfg: Config) -> DataflowGraph:
                 "critic",
                 "train",
                 "ppo_critic",
-                inputs=(*seq, "values", "returns"),
+                # old values only for the clipped value loss
+                inputs=(*seq, *(("values",) if a.value_eps_clip is not None else ()), "returns"),
                 outputs=(),
                 mb_spec=MicroBatchSpec(max_tokens=cfg.critic.max_tokens_per_mb),
                 options=train_options,

@@ -271,10 +271,16 @@ class PPOCoordinator(RunLoop):
         start = time.perf_counter()
         compiled = compile_totals()["seconds"]
         ctx = self.step_context()
+        self.last_reads: dict[str, set[str]] = {}  # MFC -> the keys it read (tests compare)
+
+        def done(name: str, outputs: dict[str, Any], read: set[str]) -> None:
+            jax.block_until_ready(outputs)  # so the MFC's timer measures its device work
+            self.last_reads[name] = read
+
         data = run_graph(
             self.graph, self.impls, ctx, self.generation.step_inputs(), timer=self.logger.time,
-            on_output=lambda name, outputs, read: jax.block_until_ready(outputs),
-        )  # fmt: skip
+            on_output=done,
+        )
         self.version += 1
         with self.logger.time("weight_sync"):
             self.generation.publish(self.version)

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from jaxrlhf.config import ConfigError, DistributedConfig
-from jaxrlhf.registry import RegistryError
+from jaxrlhf.errors import USER_ERRORS
 
 T = TypeVar("T")
 
@@ -179,11 +179,9 @@ def guarded(fn: Callable[[], T]) -> T:
     first gets its timeout to name one; then the traceback is printed and the process exits 1
     without JAX's shutdown barrier, which would wait for peers that are blocked on this one.
     """
-    from jaxrlhf.data.readers import DataError
-
     try:
         return fn()
-    except (ConfigError, RegistryError, DataError, KeyboardInterrupt):
+    except (*USER_ERRORS, KeyboardInterrupt):
         raise
     except Exception:
         heartbeat = _state["heartbeat"]

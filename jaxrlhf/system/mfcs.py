@@ -188,7 +188,7 @@ class PPOActor:
             gap = np.concatenate(
                 [np.abs(o - b)[k > 0] for o, b, k in zip(old, behav, mask, strict=True)]
             )
-        if spec.kl_coef > 0:
+        if "ref_logprobs" in data:  # the KL loss term, or with kl_coef 0 only its metric
             fields["ref_logp"] = data["ref_logprobs"]
         metrics = _train_epochs(
             ctx, data, fields, cfg.actor.max_tokens_per_mb, "actor",
