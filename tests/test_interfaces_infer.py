@@ -24,9 +24,11 @@ from interfaces_reference import (
 from jaxrlhf.interfaces import (
     ActorLossSpec,
     CriticLossSpec,
+    ParamLayout,
     accumulate_gradients,
     actor_microbatch_loss,
     batch_denominators,
+    compile_inference,
     compute_logprobs,
     compute_scores,
     compute_values,
@@ -38,6 +40,8 @@ from jaxrlhf.interfaces import (
     unpack,
     unpack_scalars,
 )
+from jaxrlhf.interfaces.inference import INPUT_KEYS
+from jaxrlhf.interfaces.reference import logprob_outputs
 from jaxrlhf.models import init_model
 from jaxrlhf.optim import OptimizerSpec
 
@@ -71,6 +75,20 @@ def test_logprobs_and_entropy_match_padded_reference(data):
 
     chunked = compute_logprobs(params, TINY, packed, temperature=0.7, chunk_size=7)
     np.testing.assert_allclose(chunked["logp"], out["logp"], atol=1e-6, rtol=0)
+
+
+def test_inference_compiles_once_per_shape(data):
+    """Equal shapes and options (in any keyword order) reuse one compiled inference step."""
+    _, _, packed, _ = data
+    params = init_model(TINY, seed=1).params
+    compute_logprobs(params, TINY, packed, with_entropy=True, temperature=0.7)
+    misses = compile_inference.cache_info().misses
+    compute_logprobs(params, TINY, packed, temperature=0.7, with_entropy=True)
+    assert compile_inference.cache_info().misses == misses
+    shapes = tuple((k, s) for k, s in packed.shapes() if k in INPUT_KEYS)
+    options = (("temperature", 0.7), ("with_entropy", True))
+    step = compile_inference(logprob_outputs, TINY, None, ParamLayout.of(params), shapes, options)
+    assert step._cache_size() == 1
 
 
 def test_chunked_logprob_gradients_match_reference(data):

@@ -149,6 +149,20 @@ def test_bad_pairs_give_clear_errors(tmp_path, tok):
 # --------------------------------------------------------------------------- toy run, export, PPO
 
 
+def test_rm_step_needs_its_pairs(pairs_data):
+    """The reward-model step's whole-batch input is checked on the host, before compiling."""
+    from jaxrlhf.interfaces import run_train_step
+    from jaxrlhf.optim import OptimizerSpec
+
+    packed, pairs = pack_pairs(*pairs_data, max_tokens_per_mb=32, row_len=16)
+    step = lambda aux: run_train_step(rm_microbatch_loss, None, packed, aux, cfg=TINY,
+                                      spec=RMLossSpec(), opt=OptimizerSpec())  # fmt: skip
+    with pytest.raises(ValueError, match=r"rm: expected inputs \['chosen', 'rejected', 'valid'\]"):
+        step(None)
+    with pytest.raises(ValueError, match=r"got \['chosen', 'valid'\]"):
+        step({k: pairs[k] for k in ("chosen", "valid")})
+
+
 def test_loading_a_model_without_reward_head_is_refused(tmp_path):
     from jaxrlhf.models import save_pretrained
     from jaxrlhf.system.reward_model import load_reward_model

@@ -23,7 +23,7 @@ mesh, parameter layout, batch shapes); all are hashable, so equal shapes compile
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import chex
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
+from numpy.typing import ArrayLike
 
 from jaxrlhf.algorithms import Denominators, loss_denominators
 from jaxrlhf.hostio import put
@@ -231,7 +232,8 @@ def compile_train_step(
 
 
 def run_train_step(
-    mb_loss: MicroBatchLoss, state: TrainState, packed: PackedBatch, aux: Any = None, *,
+    mb_loss: MicroBatchLoss, state: TrainState, packed: PackedBatch,
+    aux: Mapping[str, ArrayLike] | None = None, *,
     cfg: TransformerConfig, spec: LossSpec, opt: OptimizerSpec, total_steps: int | None = None,
     mesh: Mesh | None = None,
 ) -> tuple[TrainState, Metrics]:  # fmt: skip
