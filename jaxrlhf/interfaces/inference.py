@@ -53,7 +53,7 @@ def compile_inference(
 ):  # fmt: skip
     """``map_microbatches(mb_fn)`` jitted for one (function, options, model, mesh, layout, input
     shape); cached. Output shapes (hence shardings) come from tracing ``mb_fn`` abstractly."""
-    check_batch(shapes, (), mb_fn.__name__)
+    check_batch(shapes, (), getattr(mb_fn, "__name__", "inference"))
     fn = functools.partial(mb_fn, cfg=cfg, mesh=mesh, **dict(options))
     step = functools.partial(map_microbatches, fn)
     # packing's dtypes: int32 model inputs and indices, float32 grid fields
