@@ -738,7 +738,7 @@ def test_effective_loss_aggregation(loss, estimator, loss_agg, constant, want):
 
 
 def test_effective_loss_aggregation_rejects_contradictions():
-    with pytest.raises(ValueError, match=r"loss_agg='token_mean' contradicts .*'gspo'"):
+    with pytest.raises(ValueError, match=r"loss_agg 'token_mean' contradicts .*'gspo'"):
         alg.effective_loss_aggregation("gspo", "grpo", "token_mean", None, 512)
     with pytest.raises(RegistryError, match=r"algorithm.loss_agg='token_sum'.*did you mean"):
         alg.effective_loss_aggregation("ppo", "grpo", "token_sum", None, 512)
@@ -821,6 +821,24 @@ def test_extreme_log_ratios_stay_finite_and_normal_ones_are_unchanged():
         np.testing.assert_allclose(got, want, rtol=1e-5)
     w, _ = alg.behaviour_weights(*f32(logp, far_behav, mask))
     assert np.all(np.isfinite(w)) and float(np.max(w)) <= np.exp(alg.LOG_RATIO_BOUND) * 1.0001
+
+
+def test_k3_kl_stays_finite_at_extreme_log_ratios():
+    """k3 = e^{-log ρ} - 1 + log ρ overflowed (inf loss, NaN gradient) for log ρ below -88."""
+    logp = np.array([[-300.0, -5.0, -1.0, -2.0]], np.float32)  # log ρ = -299.9, ..., 0
+    ref = np.array([[-0.1, -0.1, -1.2, -2.0]], np.float32)
+    mask = np.ones_like(logp)
+
+    def total(lp):
+        return jnp.sum(alg.kl(lp, jnp.asarray(ref), "k3", mask=jnp.asarray(mask)))
+
+    value, grad = jax.value_and_grad(total)(jnp.asarray(logp))
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+    lr = np.clip(logp.astype(np.float64) - ref, -alg.LOG_RATIO_BOUND, alg.LOG_RATIO_BOUND)
+    want = np.expm1(-lr) + lr  # NumPy float64, clamped as documented
+    got = np.asarray(alg.kl(*f32(logp, ref), "k3"))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert got[0, 3] == 0.0  # equal log-probs: exactly 0
 
 
 def brute_force_gae(r, v, mask, gamma, lam, boot, boot_v=None):

@@ -36,13 +36,8 @@ from jaxrlhf.algorithms.aggregation import (
 )
 from jaxrlhf.algorithms.critic_loss import critic_loss
 from jaxrlhf.algorithms.entropy import entropy_bonus, entropy_from_logits
-from jaxrlhf.algorithms.kl import kl, kl_loss, kl_reward_penalty
-from jaxrlhf.algorithms.policy_loss import (
-    LOG_RATIO_BOUND,
-    behaviour_weights,
-    gspo_actor_loss,
-    ppo_actor_loss,
-)
+from jaxrlhf.algorithms.kl import LOG_RATIO_BOUND, clamp_log_ratio, kl, kl_loss, kl_reward_penalty
+from jaxrlhf.algorithms.policy_loss import behaviour_weights, gspo_actor_loss, ppo_actor_loss
 from jaxrlhf.algorithms.registries import (
     ADVANTAGE_ESTIMATORS,
     KL_ESTIMATORS,
@@ -65,6 +60,7 @@ __all__ = [
     "aggregate",
     "behaviour_weights",
     "bradley_terry",
+    "clamp_log_ratio",
     "critic_loss",
     "effective_loss_aggregation",
     "effective_truncation",

@@ -3,6 +3,9 @@
 With log ρ = log π − log π_ref evaluated on tokens sampled from π (Schulman's estimators):
 ``k1`` = log ρ (unbiased, high variance, can be negative), ``k2`` = ½ (log ρ)² (its gradient is
 the unbiased gradient of KL), ``k3`` = e^{−log ρ} − 1 + log ρ (unbiased, >= 0, low variance).
+
+Every ``exp`` of a log-ratio here and in the policy losses first clamps it to ±`LOG_RATIO_BOUND`
+(20, as verl does): float32 ``exp`` overflows past about 88 and its gradient becomes NaN.
 """
 
 from __future__ import annotations
@@ -13,6 +16,13 @@ import jax.numpy as jnp
 from jaxrlhf.algorithms._checks import check_same_shape, compute_dtype
 from jaxrlhf.algorithms.aggregation import Denominators, aggregate, masked_mean
 from jaxrlhf.algorithms.registries import KL_ESTIMATORS
+
+LOG_RATIO_BOUND = 20.0  # |log r| cap before exp (float32 exp overflows past ~88)
+
+
+def clamp_log_ratio(log_ratio: jax.Array) -> jax.Array:
+    """``log_ratio`` clipped to ±`LOG_RATIO_BOUND` (apply before ``exp``)."""
+    return jnp.clip(log_ratio, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
 
 
 @KL_ESTIMATORS.register("k1", help="log ρ: unbiased, high variance, can be negative")
@@ -29,7 +39,8 @@ def k2(log_ratio: jax.Array) -> jax.Array:
 
 @KL_ESTIMATORS.register("k3", help="e^{−log ρ} − 1 + log ρ: unbiased, >= 0, low variance")
 def k3(log_ratio: jax.Array) -> jax.Array:
-    """e^{−log ρ} − 1 + log ρ (expm1 keeps it exact near ρ = 1)."""
+    """e^{−log ρ} − 1 + log ρ (expm1 keeps it exact near ρ = 1), log ρ clamped first."""
+    log_ratio = clamp_log_ratio(log_ratio)
     return jnp.expm1(-log_ratio) + log_ratio
 
 

@@ -28,15 +28,10 @@ from jaxrlhf.algorithms.aggregation import (
     masked_mean,
     masked_min,
 )
-from jaxrlhf.algorithms.kl import k3
+from jaxrlhf.algorithms.kl import clamp_log_ratio, k3
 from jaxrlhf.algorithms.registries import register_policy_loss
 
 BEHAVIOUR_WEIGHT_MODES = ("truncate", "mask")
-LOG_RATIO_BOUND = 20.0  # |log r| cap before exp (float32 exp overflows past ~88)
-
-
-def _clamp_log_ratio(log_ratio: jax.Array) -> jax.Array:
-    return jnp.clip(log_ratio, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
 
 
 def _check_hparams(
@@ -82,7 +77,7 @@ def behaviour_weights(
         ones = jnp.where(valid, 1.0, 0.0).astype(dtype)
         return ones, jnp.zeros(mask_bt.shape, bool)
     log_w = jnp.where(valid, proximal_logp_bt.astype(dtype) - behaviour_logp_bt.astype(dtype), 0.0)
-    log_w = _clamp_log_ratio(jax.lax.stop_gradient(log_w))
+    log_w = clamp_log_ratio(jax.lax.stop_gradient(log_w))
     if cap is None:
         return jnp.where(valid, jnp.exp(log_w), 0.0), jnp.zeros(mask_bt.shape, bool)
     log_cap = jnp.log(jnp.asarray(cap, dtype))
@@ -202,7 +197,7 @@ def ppo_actor_loss(
     )
     dtype = compute_dtype(logp_bt, proximal_logp_bt)
     log_ratio = logp_bt.astype(dtype) - jax.lax.stop_gradient(proximal_logp_bt.astype(dtype))
-    log_ratio = _clamp_log_ratio(jnp.where(mask_bt > 0, log_ratio, 0.0))
+    log_ratio = clamp_log_ratio(jnp.where(mask_bt > 0, log_ratio, 0.0))
     ratio_bt = jnp.exp(log_ratio)
     return _surrogate_loss(
         ratio_bt,
@@ -271,11 +266,11 @@ def gspo_actor_loss(
     seq_log_ratio_b = jnp.sum(log_ratio, -1) / jnp.maximum(jnp.sum(valid, -1), 1)
     sg = jax.lax.stop_gradient
     # The clamp applies to the sequence ratio; the token term's value is 0 (its gradient only).
-    token_log_ratio = sg(_clamp_log_ratio(seq_log_ratio_b))[:, None] + (logp - sg(logp))
+    token_log_ratio = sg(clamp_log_ratio(seq_log_ratio_b))[:, None] + (logp - sg(logp))
     ratio_bt = jnp.exp(jnp.where(valid, token_log_ratio, 0.0))
     return _surrogate_loss(
         ratio_bt,
-        _clamp_log_ratio(log_ratio),
+        clamp_log_ratio(log_ratio),
         proximal_logp_bt,
         behaviour_logp_bt,
         advantages_bt,

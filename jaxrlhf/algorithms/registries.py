@@ -102,9 +102,9 @@ def effective_loss_aggregation(
         LOSS_AGGREGATIONS.check(loss_agg, key="algorithm.loss_agg")
         if allowed is not None and loss_agg not in allowed:
             raise ValueError(
-                f"algorithm.loss_agg={loss_agg!r} contradicts algorithm.policy_loss="
-                f"{policy_loss!r}, which allows only {', '.join(allowed)}; drop loss_agg to use "
-                "its default."
+                f"algorithm.loss_agg {loss_agg!r} contradicts algorithm.policy_loss "
+                f"{policy_loss!r}, which allows only {', '.join(allowed)}; drop "
+                "algorithm.loss_agg to use its default"
             )
         mode = loss_agg
     else:
