@@ -341,3 +341,27 @@ def test_build_model_from_experiment_config(hf_dir, tmp_path):
     np.testing.assert_allclose(
         np.asarray(loaded.logits(ids))[0], _hf_row_logits(model, ids[0]), atol=1e-4, rtol=0
     )
+
+
+def test_transformer_config_copies_every_architecture_field():
+    """Each architecture field of the experiment config reaches the model config unchanged."""
+    from jaxrlhf.config import ModelConfig, RopeScalingConfig
+    from jaxrlhf.models import RopeConfig, transformer_config
+
+    arch = dict(
+        model_type="qwen3", vocab_size=77, hidden_size=48, intermediate_size=80, num_layers=3,
+        num_heads=6, num_kv_heads=3, head_dim=16, rms_norm_eps=0.001,
+        max_position_embeddings=321, tie_word_embeddings=False, initializer_range=0.05,
+        param_dtype="bfloat16", compute_dtype="bfloat16", remat=True,
+    )  # fmt: skip
+    rope = dict(
+        rope_type="llama3", factor=2.0, low_freq_factor=1.5, high_freq_factor=3.0,
+        original_max_position_embeddings=64,
+    )  # fmt: skip
+    cfg = ModelConfig(**arch, rope_theta=1234.0, rope_scaling=RopeScalingConfig(**rope))
+    built = transformer_config(cfg)
+    assert {name: getattr(built, name) for name in arch} == arch
+    assert built.rope == RopeConfig(theta=1234.0, **rope)
+    assert built.qk_norm and not built.qkv_bias
+    plain = transformer_config(ModelConfig(model_type="qwen2", rope_theta=99.0))
+    assert plain.rope == RopeConfig(theta=99.0) and plain.qkv_bias and not plain.qk_norm

@@ -4,6 +4,9 @@ from scratch (`build_model`), and the models derived from the actor (`build_refe
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -14,38 +17,43 @@ from jaxrlhf.models.handle import ModelHandle, init_model, param_shardings
 from jaxrlhf.models.hf_io import from_pretrained
 
 
+def _same_fields(target: type, source: Any) -> dict[str, Any]:
+    """``source``'s values of the dataclass fields ``target`` shares with it by name."""
+    names = {f.name for f in dataclasses.fields(source)}
+    return {f.name: getattr(source, f.name) for f in dataclasses.fields(target) if f.name in names}
+
+
 def transformer_config(cfg: ModelConfig) -> TransformerConfig:
-    """The architecture a from-scratch ``ModelConfig`` describes (bias and q/k-norm by family)."""
-    scaling = cfg.rope_scaling
-    rope = RopeConfig(theta=cfg.rope_theta)
-    if scaling is not None:
-        rope = RopeConfig(
-            theta=cfg.rope_theta,
-            rope_type=scaling.rope_type,
-            factor=scaling.factor,
-            low_freq_factor=scaling.low_freq_factor,
-            high_freq_factor=scaling.high_freq_factor,
-            original_max_position_embeddings=scaling.original_max_position_embeddings,
-        )
+    """The architecture a from-scratch ``ModelConfig`` describes (bias and q/k-norm by family).
+
+    Fields named alike in the experiment config and the model config mean the same and are
+    copied; the rest is derived here.
+    """
+    scaling = {} if cfg.rope_scaling is None else _same_fields(RopeConfig, cfg.rope_scaling)
     return TransformerConfig(
-        model_type=cfg.model_type,
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads,
-        num_kv_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope=rope,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings,
+        **_same_fields(TransformerConfig, cfg),
+        rope=RopeConfig(theta=cfg.rope_theta, **scaling),
         qkv_bias=cfg.model_type == "qwen2",
         qk_norm=cfg.model_type == "qwen3",
-        initializer_range=cfg.initializer_range,
-        param_dtype=cfg.param_dtype,
+    )
+
+
+def _load(
+    cfg: ModelConfig | CriticConfig | RefConfig,
+    mesh: Mesh | None,
+    *,
+    lm_head: bool = True,
+    value_head: bool = False,
+) -> ModelHandle:
+    """The HF directory ``cfg.path`` in ``cfg``'s dtypes (and remat, where it has one)."""
+    return from_pretrained(
+        cfg.path,
+        cfg.param_dtype,
         compute_dtype=cfg.compute_dtype,
-        remat=cfg.remat,
+        mesh=mesh,
+        remat=getattr(cfg, "remat", False),
+        lm_head=lm_head,
+        value_head=value_head,
     )
 
 
@@ -60,15 +68,7 @@ def build_model(
     """``cfg.path`` set: load that HF directory (its config.json wins over the arch fields);
     otherwise a random model of the configured architecture."""
     if cfg.path is not None:
-        return from_pretrained(
-            cfg.path,
-            cfg.param_dtype,
-            compute_dtype=cfg.compute_dtype,
-            mesh=mesh,
-            remat=cfg.remat,
-            lm_head=lm_head,
-            value_head=value_head,
-        )
+        return _load(cfg, mesh, lm_head=lm_head, value_head=value_head)
     return init_model(
         transformer_config(cfg), seed, mesh=mesh, lm_head=lm_head, value_head=value_head
     )
@@ -104,15 +104,7 @@ def derived_model(
 def build_critic(cfg: CriticConfig, actor: ModelHandle, *, mesh: Mesh | None = None) -> ModelHandle:
     """The value model: ``cfg.path`` with a fresh value head, or the actor's trunk."""
     if cfg.path is not None:
-        return from_pretrained(
-            cfg.path,
-            cfg.param_dtype,
-            compute_dtype=cfg.compute_dtype,
-            mesh=mesh,
-            remat=cfg.remat,
-            lm_head=False,
-            value_head=True,
-        )
+        return _load(cfg, mesh, lm_head=False, value_head=True)
     return derived_model(
         actor,
         param_dtype=cfg.param_dtype,
@@ -126,7 +118,5 @@ def build_reference(cfg: RefConfig, actor: ModelHandle, *, mesh: Mesh | None = N
     """The frozen reference policy: ``cfg.path``, or the actor's initial weights, in the
     reference's own dtypes either way."""
     if cfg.path is not None:
-        return from_pretrained(
-            cfg.path, cfg.param_dtype, mesh=mesh, compute_dtype=cfg.compute_dtype
-        )
+        return _load(cfg, mesh)
     return derived_model(actor, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)

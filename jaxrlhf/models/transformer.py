@@ -3,7 +3,9 @@
 Parameters are a plain dict pytree; the layers are stacked on a leading axis and run with
 `lax.scan`, so compile time does not grow with depth. Attention is restricted by
 ``segment_ids`` (0 = padding; packed sequences get 1, 2, ...) and causal order; ``positions``
-are per token, so left padding and packing both reduce to the same code path.
+are per token, so left padding and packing both reduce to the same code path. `decoder_layer`
+is the one block both this forward and the KV-cache path (`kv_cache.py`) run; they differ only in
+the ``attend`` they give it: where keys and values come from and which of them each query sees.
 
 Shapes: B batch, T query length, S key length, D hidden, H query heads, K kv heads,
 G = H / K, E head dim, F mlp, V vocab, L layers.
@@ -11,6 +13,7 @@ G = H / K, E head dim, F mlp, V vocab, L layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -138,23 +141,35 @@ def attention_mask(
     return same & causal
 
 
+def window_mask(mask_bts: jax.Array, dpos_bts: jax.Array, window: jax.Array | int) -> jax.Array:
+    """``mask_bts`` less the keys ``window`` or more positions before the query (0 = no window)."""
+    return mask_bts & ((window == 0) | (dpos_bts < window))
+
+
 def attention(
-    q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array, mask_bts: jax.Array
+    q_bthe: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask_bts: jax.Array,
+    *,
+    k_axes: str = "bske",
+    v_axes: str = "bske",
 ) -> jax.Array:
     """Grouped-query attention with a boolean mask; softmax in float32.
 
-    Query rows with no allowed key (padding) get a uniform distribution instead of NaN; their
-    outputs are never used.
+    ``k_axes`` / ``v_axes`` name the key and value layouts (the KV cache stores keys as
+    ``bkes`` and values as ``bkse``). Query rows with no allowed key (padding) get a uniform
+    distribution instead of NaN; their outputs are never used.
     """
     B, T, H, E = q_bthe.shape
-    K = k_bske.shape[2]
+    K = k.shape[k_axes.index("k")]
     q = q_bthe.reshape(B, T, K, H // K, E)
-    scores = jnp.einsum("btkge,bske->bkgts", q, k_bske, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkge,{k_axes}->bktgs", q, k, preferred_element_type=jnp.float32)
     scores = scores * (E**-0.5)
-    scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
-    out = jnp.einsum("bkgts,bske->btkge", probs, v_bske)
-    return out.reshape(B, T, H, E)
+    scores = jnp.where(mask_bts[:, None, :, None, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum(f"bktgs,{v_axes}->bktge", probs, v)
+    return jnp.swapaxes(out, 1, 2).reshape(B, T, H, E)
 
 
 def _dense(x: jax.Array, w: jax.Array, spec: str, bias: jax.Array | None = None) -> jax.Array:
@@ -162,17 +177,24 @@ def _dense(x: jax.Array, w: jax.Array, spec: str, bias: jax.Array | None = None)
     return y if bias is None else y + bias
 
 
-def _layer(
+Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+def decoder_layer(
     cfg: TransformerConfig,
-    mesh: Mesh | None,
-    x_btd: jax.Array,
     p: Params,
-    window: jax.Array,
-    cos: jax.Array,
-    sin: jax.Array,
-    mask_bts: jax.Array,
-    dpos_bts: jax.Array,
-) -> jax.Array:
+    x_btd: jax.Array,
+    cos_bte: jax.Array,
+    sin_bte: jax.Array,
+    attend: Attend,
+    mesh: Mesh | None = None,
+) -> tuple[jax.Array, Any]:
+    """One pre-norm decoder block on one layer's params ``p`` (compute dtype, no layer axis).
+
+    ``attend(q_bthe, k_btke, v_btke) -> (out_bthe, aux)`` says where keys and values come from
+    and which of them each query sees: the current sequence (`hidden_states`) or a KV cache that
+    it updates (`kv_cache`); ``aux`` (e.g. the updated cache) is returned with the new ``x``.
+    """
     eps = cfg.rms_norm_eps
     h = rms_norm(x_btd, p["input_norm"], eps)
     q = _dense(h, p["q"], "btd,dhe->bthe", p.get("q_bias"))
@@ -181,23 +203,40 @@ def _layer(
     if cfg.qk_norm:
         q = rms_norm(q, p["q_norm"], eps)
         k = rms_norm(k, p["k_norm"], eps)
-    q = constrain(apply_rope(q, cos, sin), mesh, ("batch", "seq", "act_heads", None))
-    k = constrain(apply_rope(k, cos, sin), mesh, ("batch", "seq", "act_heads", None))
-    # window == 0 means full attention; otherwise keys with q_pos - k_pos >= window are dropped.
-    mask = mask_bts & ((window == 0) | (dpos_bts < window))
-    attn = attention(q, k, v, mask)
-    x_btd = x_btd + _dense(attn, p["o"], "bthe,hed->btd", p.get("o_bias"))
+    q = constrain(apply_rope(q, cos_bte, sin_bte), mesh, ("batch", "seq", "act_heads", None))
+    k = constrain(apply_rope(k, cos_bte, sin_bte), mesh, ("batch", "seq", "act_heads", None))
+    attn_bthe, aux = attend(q, k, v)
+    # (h, e) merged into one contraction axis n in memory order: einsum would contract e before
+    # h and transpose the weight on every call.
+    B, T, H, E = attn_bthe.shape
+    o_nd = p["o"].reshape(H * E, -1)
+    x_btd = x_btd + _dense(attn_bthe.reshape(B, T, H * E), o_nd, "btn,nd->btd", p.get("o_bias"))
     x_btd = constrain(x_btd, mesh, ("batch", "seq", "act_embed"))
     h = rms_norm(x_btd, p["post_norm"], eps)
     gate = _dense(h, p["gate"], "btd,df->btf", p.get("gate_bias"))
     up = _dense(h, p["up"], "btd,df->btf", p.get("up_bias"))
     act = constrain(jax.nn.silu(gate) * up, mesh, ("batch", "seq", "act_mlp"))
     x_btd = x_btd + _dense(act, p["down"], "btf,fd->btd", p.get("down_bias"))
-    return constrain(x_btd, mesh, ("batch", "seq", "act_embed"))
+    return constrain(x_btd, mesh, ("batch", "seq", "act_embed")), aux
 
 
-def _windows(cfg: TransformerConfig) -> np.ndarray:
+def layer_windows(cfg: TransformerConfig) -> np.ndarray:
+    """Per-layer sliding window `[L]` (int32; 0 = full attention)."""
     return np.asarray([w or 0 for w in (cfg.sliding_windows or (None,) * cfg.num_layers)], np.int32)
+
+
+def embed_tokens(
+    p: Params,
+    cfg: TransformerConfig,
+    ids_bt: jax.Array,
+    positions_bt: jax.Array,
+    mesh: Mesh | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Input embeddings `[B, T, D]` and the RoPE cos / sin tables `[B, T, E]` of their positions."""
+    x = constrain(p["embed"][ids_bt], mesh, ("batch", "seq", "act_embed"))
+    inv_freq = inverse_frequencies(cfg.rope, cfg.dim_head, cfg.max_position_embeddings)
+    cos, sin = rope_tables(positions_bt, inv_freq)
+    return x, cos, sin
 
 
 # --------------------------------------------------------------------------- forward
@@ -225,20 +264,19 @@ def hidden_states(
         )
     compute = _dtype(cfg.compute_dtype)
     p = jax.tree.map(lambda a: a.astype(compute), params)
-    x = constrain(p["embed"][input_ids_bt], mesh, ("batch", "seq", "act_embed"))
-    inv_freq = inverse_frequencies(cfg.rope, cfg.dim_head, cfg.max_position_embeddings)
-    cos, sin = rope_tables(positions_bt, inv_freq)
+    x, cos, sin = embed_tokens(p, cfg, input_ids_bt, positions_bt, mesh)
     index = jnp.broadcast_to(jnp.arange(input_ids_bt.shape[1]), input_ids_bt.shape)
     mask = attention_mask(segment_ids_bt, segment_ids_bt, index, index)
     dpos = positions_bt[:, :, None] - positions_bt[:, None, :]
 
-    def body(carry, xs):
-        layer_params, window = xs
-        return _layer(cfg, mesh, carry, layer_params, window, cos, sin, mask, dpos), None
+    def body(x_btd, xs):
+        layer, window = xs
+        attend = lambda q, k, v: (attention(q, k, v, window_mask(mask, dpos, window)), None)
+        return decoder_layer(cfg, layer, x_btd, cos, sin, attend, mesh)
 
     if cfg.remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    x, _ = jax.lax.scan(body, x, (p["layers"], jnp.asarray(_windows(cfg))))
+    x, _ = jax.lax.scan(body, x, (p["layers"], jnp.asarray(layer_windows(cfg))))
     return rms_norm(x, p["final_norm"], cfg.rms_norm_eps)
 
 
