@@ -15,6 +15,7 @@ save or stop, the others follow (`distributed.decide`).
 from __future__ import annotations
 
 import abc
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,16 @@ class RunLoop(abc.ABC):
             raise ConfigError(str(e)) from None
         self.tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.actor.path)
         self.total = cfg.experiment.total_steps
-        self.checkpointer = Checkpointer(cfg.checkpoint)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.eval_history: list[dict[str, Any]] = []
         self.logger: MetricsLogger | None = None
+
+    @functools.cached_property
+    def checkpointer(self) -> Checkpointer:
+        """Made on first use, once the subclass has built what may fail on bad input (orbax
+        starts a background thread that a failed start-up would leave behind)."""
+        return Checkpointer(self.cfg.checkpoint)
 
     # ----------------------------------------------------------------------- subclass hooks
 
