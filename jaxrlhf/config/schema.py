@@ -207,7 +207,9 @@ class RewardConfig:
     clip: float | None = _field(None, gt=0, help="clip scores to [-clip, clip]; None: no clip")
     workers: int = _field(0, ge=0, help="reward worker processes; 0: score in this process")
     timeout_s: float = _field(
-        10.0, gt=0, help="per-response deadline in the workers (scores 0 past it)"
+        10.0,
+        gt=0,
+        help="per-response deadline: past it a response scores 0 (in process the step still waits)",
     )
 
 
