@@ -12,11 +12,12 @@ moves over the benchmark's steps, so both modes see the same workload (compare t
 
 * ``sync``: `PPOCoordinator` in one process with every core: generate (the whole batch waits for
   its longest response), reward, update, weight sync.
-* ``async``: `PPOCoordinator` (`AsyncGeneration`) with ``async_ppo.generator=process``: the trainer process is
-  pinned to the last core, the generation server runs in its own process on the other core(s)
-  with its own XLA device (XLA:CPU runs every device of one process on a shared thread pool, so a
-  separate process is the real disaggregation here; on accelerators the thread + sub-mesh path
-  is). η = ``--eta``; the server refills decode slots as responses finish; decoupled loss.
+* ``async``: `PPOCoordinator` (`AsyncGeneration`) with ``async_ppo.generator=process``: the
+  trainer process is pinned to the last core, the generation server runs in its own process on
+  the other core(s) with its own XLA device (XLA:CPU runs every device of one process on a
+  shared thread pool, so a separate process is the real disaggregation here; on accelerators
+  the thread + sub-mesh path is). η = ``--eta``; the server refills decode slots as responses
+  finish; decoupled loss.
 
 Each mode runs in a fresh subprocess: ``--warmup`` steps (compilation), then ``--steps`` timed
 steps. ``samples_per_s`` = samples trained by the timed steps / their wall time (async: the

@@ -2,13 +2,13 @@
 exactly-once under a slow trainer, interrupted requests keep exact per-version log-probs."""
 
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from toy import toy_config
 
-from jaxrlhf.config import ConfigError, load_config
+from jaxrlhf.config import ConfigError
 from jaxrlhf.generation.server import GenerationServer
 from jaxrlhf.generation.types import SamplingParams
 from jaxrlhf.models import ModelHandle, init_model
@@ -18,13 +18,10 @@ from jaxrlhf.system.async_ppo import parse_allocation
 from jaxrlhf.system.async_rollout import group_trajectories
 from jaxrlhf.system.coordinator import PPOCoordinator
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "actor.vocab_size=80", "actor.hidden_size=32", "actor.intermediate_size=64",
-    "actor.num_layers=1", "actor.num_heads=2", "actor.num_kv_heads=1",
     "data.batch_size=4", "data.eval_size=8", "generation.n_samples=2",
-    "generation.max_new_tokens=6", "experiment.eval_every=0", "logging.progress=false",
-    "sft_warmup.steps=2", "sft_warmup.batch_size=4", "checkpoint.save_every=0",
+    "generation.max_new_tokens=6", "sft_warmup.steps=2", "sft_warmup.batch_size=4",
+    "checkpoint.save_every=0",
     "generation.decode_chunk=2", "generation.max_concurrent=8",
     "algorithm.decoupled_loss=true", "algorithm.behav_imp_weight_cap=5.0",
     "reward.fn=test_async_digits",
@@ -38,9 +35,7 @@ def digits_reward(response: str, answer: str | None = None) -> float:
 
 
 def _config(tmp_path, *extra):
-    return load_config(
-        ROOT / "configs" / "toy_ppo.yaml", [*TINY, f"experiment.output_dir={tmp_path}", *extra]
-    )
+    return toy_config(tmp_path, *TINY, *extra)
 
 
 def _leaves(params):
@@ -97,7 +92,9 @@ def test_slow_generator_fast_trainer_bounds_staleness_and_keeps_versions(tmp_pat
     coord = PPOCoordinator(cfg)
     coord.generation.server.close()
     snapshots[0] = jax.device_get(coord.models.actor.params)
-    handle = ModelHandle(coord.models.actor_cfg, coord.models.actor.params, coord.generation.gen_mesh)
+    handle = ModelHandle(
+        coord.models.actor_cfg, coord.models.actor.params, coord.generation.gen_mesh
+    )
     coord.generation.server = Recording(
         handle, max_slots=8, max_seq_len=22, decode_chunk=1,
         eos_token_id=coord.tokenizer.eos_token_id, seed=0,

@@ -1,23 +1,17 @@
 """The dataflow graph is enforced at run time: an MFC reads only the keys it declares, writes
 exactly its declared outputs, and in real runs reads every key it declares."""
 
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from toy import toy_config
 
-from jaxrlhf.config import load_config
 from jaxrlhf.dfg import MFC, DataflowError, DataflowGraph, run_graph, run_mfc
 from jaxrlhf.system.coordinator import PPOCoordinator
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "actor.vocab_size=80", "actor.hidden_size=32", "actor.intermediate_size=64",
-    "actor.num_layers=1", "actor.num_heads=2", "actor.num_kv_heads=1",
     "data.batch_size=2", "data.eval_size=4", "generation.n_samples=2",
-    "generation.max_new_tokens=4", "experiment.total_steps=1", "experiment.eval_every=0",
-    "logging.progress=false", "sft_warmup.steps=0",
+    "generation.max_new_tokens=4", "experiment.total_steps=1", "sft_warmup.steps=0",
 ]  # fmt: skip
 
 
@@ -97,9 +91,7 @@ def test_run_graph_passes_outputs_along_in_order():
     ids=["ppo_kl_in_reward", "grpo_kl_loss", "grpo_ref_metric"],
 )  # fmt: skip
 def test_every_mfc_reads_exactly_its_declared_inputs(tmp_path, variant):
-    cfg = load_config(
-        ROOT / "configs" / "toy_ppo.yaml", [*TINY, f"experiment.output_dir={tmp_path}", *variant]
-    )
+    cfg = toy_config(tmp_path, *TINY, *variant)
     coord = PPOCoordinator(cfg)
     with coord.logger:
         coord.train_step()
@@ -110,10 +102,9 @@ def test_every_mfc_reads_exactly_its_declared_inputs(tmp_path, variant):
 
 def test_reference_uses_its_own_dtypes(tmp_path):
     """ref.param_dtype / compute_dtype hold when the reference starts from the actor's weights."""
-    cfg = load_config(
-        ROOT / "configs" / "toy_ppo.yaml",
-        [*TINY, f"experiment.output_dir={tmp_path}", "algorithm.advantage_estimator=grpo",
-         "algorithm.kl_coef=0.1", "ref.param_dtype=bfloat16", "ref.compute_dtype=bfloat16"],
+    cfg = toy_config(
+        tmp_path, *TINY, "algorithm.advantage_estimator=grpo", "algorithm.kl_coef=0.1",
+        "ref.param_dtype=bfloat16", "ref.compute_dtype=bfloat16",
     )  # fmt: skip
     coord = PPOCoordinator(cfg)
     m = coord.models

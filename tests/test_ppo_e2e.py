@@ -4,32 +4,26 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from toy import ROOT, toy_config
 
 from jaxrlhf.config import load_config
 from jaxrlhf.system.coordinator import PPOCoordinator
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "actor.vocab_size=80", "actor.hidden_size=32", "actor.intermediate_size=64",
-    "actor.num_layers=1", "actor.num_heads=2", "actor.num_kv_heads=1",
     "data.batch_size=4", "data.eval_size=8", "generation.n_samples=2",
-    "generation.max_new_tokens=4", "experiment.total_steps=2", "experiment.eval_every=0",
-    "logging.progress=false", "sft_warmup.steps=2", "sft_warmup.batch_size=4",
+    "generation.max_new_tokens=4", "experiment.total_steps=2", "sft_warmup.steps=2",
+    "sft_warmup.batch_size=4",
 ]  # fmt: skip
 GRPO = ["algorithm.advantage_estimator=grpo", "critic.enabled=false"]
 PPO_CRITIC = ["algorithm.advantage_estimator=gae", "critic.enabled=true", "algorithm.ppo_epochs=2"]
 
 
 def _config(tmp_path, *extra):
-    return load_config(
-        ROOT / "configs" / "toy_ppo.yaml",
-        [*TINY, f"experiment.output_dir={tmp_path}", *extra],
-    )
+    return toy_config(tmp_path, *TINY, *extra)
 
 
 def _finite(record):

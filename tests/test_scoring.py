@@ -8,19 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from toy import toy_config
 
-from jaxrlhf.config import load_config
 from jaxrlhf.rewards.base import REWARDS
 from jaxrlhf.system.coordinator import PPOCoordinator
 from jaxrlhf.system.rollout import Trajectories
 from jaxrlhf.system.scoring import Scorer
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "actor.vocab_size=80", "actor.hidden_size=32", "actor.intermediate_size=64",
-    "actor.num_layers=1", "actor.num_heads=2", "actor.num_kv_heads=1",
-    "generation.n_samples=2", "generation.max_new_tokens=3", "experiment.eval_every=0",
-    "logging.progress=false", "sft_warmup.steps=0", "ref.enabled=false",
+    "generation.n_samples=2", "generation.max_new_tokens=3", "sft_warmup.steps=0",
+    "ref.enabled=false",
     "reward.fn=reward_helpers:by_mode", "reward.scale=2.0", "reward.clip=1.2",
 ]  # fmt: skip
 # One row per outcome; `by_mode` scores an "ok" row with its `value` (if the prompt reached it).
@@ -50,11 +47,10 @@ def _dataset(tmp_path: Path) -> Path:
 
 def _config(tmp_path: Path, *extra: str):
     data = _dataset(tmp_path)
-    return load_config(ROOT / "configs" / "toy_ppo.yaml", [
-        *TINY, f"experiment.output_dir={tmp_path / 'run'}", f"data.train_path={data}",
-        f"data.eval_path={data}", f"data.batch_size={len(ROWS)}", "data.shuffle=false",
-        "data.eval_size=8", *extra,
-    ])  # fmt: skip
+    return toy_config(
+        tmp_path / "run", *TINY, f"data.train_path={data}", f"data.eval_path={data}",
+        f"data.batch_size={len(ROWS)}", "data.shuffle=false", "data.eval_size=8", *extra,
+    )  # fmt: skip
 
 
 def test_ppo_step_scores_through_the_reward_pool(tmp_path, caplog):

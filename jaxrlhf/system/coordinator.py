@@ -278,7 +278,11 @@ class PPOCoordinator(RunLoop):
             self.last_reads[name] = read
 
         data = run_graph(
-            self.graph, self.impls, ctx, self.generation.step_inputs(), timer=self.logger.time,
+            self.graph,
+            self.impls,
+            ctx,
+            self.generation.step_inputs(),
+            timer=self.logger.time,
             on_output=done,
         )
         self.version += 1
