@@ -160,7 +160,7 @@ class PPOActor:
 
     @staticmethod
     def train(ctx: StepContext, mfc: MFC, data: Data) -> Data:
-        cfg, m = ctx.cfg, ctx.models
+        cfg = ctx.cfg
         algo = cfg.algorithm
         mask, behav = data["response_mask"], data["behav_logprobs"]
         # One update per batch: π_old is the current policy itself, so the step takes it as
@@ -190,24 +190,23 @@ class PPOActor:
             )
         if "ref_logprobs" in data:  # the KL loss term, or with kl_coef 0 only its metric
             fields["ref_logp"] = data["ref_logprobs"]
-        metrics = _train_epochs(
-            ctx, data, fields, cfg.actor.max_tokens_per_mb, "actor",
-            lambda state, packed: run_train_step(
-                actor_microbatch_loss, state, packed, cfg=m.actor_cfg, spec=spec,
-                opt=optimizer_spec(cfg.actor.optimizer), total_steps=ctx.updates_per_run,
-                mesh=ctx.mesh,
-            ),
-        )  # fmt: skip
+        metrics = _train_epochs(ctx, data, fields, "actor", actor_microbatch_loss, spec)
         if gap is not None and gap.size:  # measured before any update, not per minibatch
             metrics |= {"logprob_gap": float(gap.mean()), "logprob_gap_max": float(gap.max())}
         ctx.metrics |= {f"actor/{k}": v for k, v in metrics.items()}
         return {}
 
 
-def _train_epochs(ctx: StepContext, data: Data, fields: dict, max_tokens: int, role: str, step_fn):
-    """``ppo_epochs`` passes over the batch, each in ``n_minibatches`` optimizer updates;
-    metrics averaged over the updates (``*_max`` / ``*_min``: max / min)."""
-    algo = ctx.cfg.algorithm
+def _train_epochs(
+    ctx: StepContext, data: Data, fields: dict, role: str, mb_loss: Any, spec: Any
+) -> dict[str, float]:
+    """``ppo_epochs`` passes over the batch, each in ``n_minibatches`` updates of the ``role``
+    model (``actor`` / ``critic``: its train state, ``<role>.optimizer`` and token budget) with
+    ``mb_loss``; metrics averaged over the updates (``*_max`` / ``*_min``: max / min)."""
+    cfg, algo = ctx.cfg, ctx.cfg.algorithm
+    role_cfg = getattr(cfg, role)
+    model_cfg = getattr(ctx.models, f"{role}_cfg")
+    opt = optimizer_spec(role_cfg.optimizer)
     n = len(data["input_ids"])
     rng = np.random.default_rng((ctx.cfg.experiment.seed, ctx.step, 0 if role == "actor" else 1))
     totals: dict[str, float] = {}
@@ -215,9 +214,11 @@ def _train_epochs(ctx: StepContext, data: Data, fields: dict, max_tokens: int, r
     for _ in range(algo.ppo_epochs):
         order = rng.permutation(n) if algo.n_minibatches > 1 else np.arange(n)
         for index in np.array_split(order, algo.n_minibatches):
-            packed = ctx.pack(data, fields, max_tokens, np.sort(index))
-            state = getattr(ctx.models, role)
-            state, metrics = step_fn(state, packed)
+            packed = ctx.pack(data, fields, role_cfg.max_tokens_per_mb, np.sort(index))
+            state, metrics = run_train_step(
+                mb_loss, getattr(ctx.models, role), packed, cfg=model_cfg, spec=spec, opt=opt,
+                total_steps=ctx.updates_per_run, mesh=ctx.mesh,
+            )  # fmt: skip
             setattr(ctx.models, role, state)
             for k, v in fetch(metrics).items():
                 v = float(v)
@@ -245,19 +246,12 @@ class PPOCritic:
 
     @staticmethod
     def train(ctx: StepContext, mfc: MFC, data: Data) -> Data:
-        cfg, m = ctx.cfg, ctx.models
+        cfg = ctx.cfg
         spec = critic_loss_spec(cfg.algorithm)
         fields = {"loss_mask": data["response_mask"], "returns": data["returns"]}
         if spec.value_clip:
             fields["old_values"] = data["values"]
-        metrics = _train_epochs(
-            ctx, data, fields, cfg.critic.max_tokens_per_mb, "critic",
-            lambda state, packed: run_train_step(
-                critic_microbatch_loss, state, packed, cfg=m.critic_cfg, spec=spec,
-                opt=optimizer_spec(cfg.critic.optimizer), total_steps=ctx.updates_per_run,
-                mesh=ctx.mesh,
-            ),
-        )  # fmt: skip
+        metrics = _train_epochs(ctx, data, fields, "critic", critic_microbatch_loss, spec)
         ctx.metrics |= {f"critic/{k}": v for k, v in metrics.items()}
         return {}
 
