@@ -313,6 +313,11 @@ class AlgorithmConfig:
     truncation: Literal["bootstrap", "terminal"] | None = _field(
         None, help="cut responses: bootstrap from the value, or terminal; None: per critic"
     )
+    max_bad_steps: int = _field(
+        3,
+        ge=1,
+        help="consecutive steps with non-finite values (skipped updates) that stop the run",
+    )
 
 
 @dataclass(frozen=True)
