@@ -361,6 +361,29 @@ MODES = [  # (metadata, expected score, failure kind)
 ]
 
 
+def test_in_process_deadline_does_not_wait_for_a_hung_reward() -> None:
+    """reward.workers=0: a reward that hangs for a minute costs the batch its deadline, not the
+    minute; the items after it are still scored, in order."""
+    from jaxrlhf.rewards import get_reward_fn, score_in_process
+
+    metadata = [
+        {"mode": "ok", "value": 0.5, "echo": "p0"},
+        {"mode": "hang", "sleep_s": 60},
+        {"mode": "ok", "value": 0.25, "echo": "p2"},
+        {"mode": "hang", "sleep_s": 60},
+        {"mode": "raise"},
+        {"mode": "ok", "value": 1.0, "echo": "p5"},
+    ]
+    prompts = [f"p{i}" for i in range(len(metadata))]
+    start = time.monotonic()
+    report = score_in_process(get_reward_fn(BY_MODE), ["r"] * 6, ["a"] * 6, prompts=prompts,
+                              metadata=metadata, timeout=0.3)  # fmt: skip
+    assert time.monotonic() - start < 5.0
+    assert report.scores == [0.5, 0.0, 0.25, 0.0, 0.0, 1.0]
+    assert (report.timeouts, report.errors) == (2, 1)
+    assert report.first_index == 1 and "deadline" in report.first_failure
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_failures_score_zero_and_are_counted(workers: int) -> None:
     """In process and in workers alike: raising, late, string and NaN items score 0 and are

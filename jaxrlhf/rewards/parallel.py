@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -90,26 +91,82 @@ def score_in_process(
     metadata: Sequence[dict[str, Any] | None] | None = None,
     timeout: float = float("inf"),
 ) -> ScoreReport:
-    """Score every item with ``reward`` (from `get_reward_fn`) in this thread.
+    """Score every item with ``reward`` (from `get_reward_fn`) in this process, each under a
+    ``timeout``-second deadline.
 
-    Nothing here can interrupt a function that hangs: an item that returns after ``timeout``
-    seconds scores 0.0 and counts as a timeout (as it would in a pool), but the call waits for it.
+    The items run one after another in a helper thread that the caller's thread watches. An item
+    still running at its deadline scores 0.0, counts as a timeout and is abandoned: Python cannot
+    stop a thread, so it runs on in the background (a daemon thread) while the rest of the batch
+    goes on in a fresh one. Use `RewardPool` for rewards that may hang: it kills them.
     """
     _check_lengths(responses, answers, prompts, metadata)
     report = ScoreReport([0.0] * len(responses))
-    for i, (response, answer) in enumerate(zip(responses, answers, strict=True)):
-        start = time.monotonic()
-        try:
-            value = reward(response, answer, **_item_kwargs(i, prompts, metadata))
-        except Exception as e:
-            report.fail(i, f"{type(e).__name__}: {e}")
-            continue
-        elapsed = time.monotonic() - start
-        if elapsed > timeout:
-            report.fail(i, f"took {elapsed:.1f} s, past the {timeout:g} s deadline", timeout=True)
-        else:
-            report.scores[i] = value
+
+    def call(i: int) -> Any:
+        return reward(responses[i], answers[i], **_item_kwargs(i, prompts, metadata))
+
+    first = 0
+    while first < len(responses):
+        runner = _ItemRunner(call, first, len(responses))
+        runner.start()
+        hung = runner.watch(timeout)
+        for i, (ok, value, elapsed) in sorted(runner.results.items()):
+            if not ok:
+                report.fail(i, value)
+            elif elapsed > timeout:
+                report.fail(i, f"took {elapsed:.1f} s, past the {timeout:g} s deadline",
+                            timeout=True)  # fmt: skip
+            else:
+                report.scores[i] = value
+        if hung is None:
+            break
+        report.fail(hung, f"still running at the {timeout:g} s deadline; abandoned", timeout=True)
+        first = hung + 1
     return report
+
+
+class _ItemRunner(threading.Thread):
+    """Items ``first .. n-1`` of a batch, in order, in a daemon thread; `watch` waits for them
+    and gives up on an item that outlives its deadline."""
+
+    def __init__(self, call: Callable[[int], Any], first: int, n: int) -> None:
+        super().__init__(daemon=True, name="reward-in-process")
+        self.call, self.n = call, n
+        self.index, self.started = first, time.monotonic()  # the item running now
+        self.results: dict[int, tuple[bool, Any, float]] = {}  # ok, value or message, seconds
+        self.abandoned = False
+        self.cond = threading.Condition()
+
+    def run(self) -> None:
+        for i in range(self.index, self.n):
+            with self.cond:
+                if self.abandoned:
+                    return
+                self.index, self.started = i, time.monotonic()
+            try:
+                out = (True, self.call(i))
+            except Exception as e:
+                out = (False, f"{type(e).__name__}: {e}")
+            with self.cond:
+                if self.abandoned:
+                    return
+                self.results[i] = (*out, time.monotonic() - self.started)
+        with self.cond:
+            self.index = self.n
+            self.cond.notify_all()
+
+    def watch(self, timeout: float) -> int | None:
+        """Wait until every item is done (None) or one outlives ``timeout`` (its index)."""
+        with self.cond:
+            # Woken once at the end, or at the running item's deadline to look again.
+            while self.index < self.n:
+                i, started = self.index, self.started
+                remaining = started + timeout - time.monotonic()
+                if remaining <= 0 and i not in self.results:
+                    self.abandoned = True
+                    return i
+                self.cond.wait(timeout=None if remaining == float("inf") else max(remaining, 1e-3))
+            return None
 
 
 class RewardPool:

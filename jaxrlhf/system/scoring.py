@@ -5,8 +5,9 @@ worker processes, each response under a ``reward.timeout_s`` deadline (a worker 
 hangs is killed and replaced). Either way a response whose reward raises, returns a non-number
 (a string, None, NaN, inf) or misses its deadline scores 0; the step's metrics count them
 (``reward/errors``, ``reward/timeouts``) and the run's first failure is logged once. In this
-process nothing can interrupt a reward that hangs: a result that comes back late scores 0 and
-counts as a timeout, but the step waits for it (use workers for rewards that may hang).
+process a reward still running at its deadline is abandoned (its thread runs on in the
+background; the step does not wait for it); workers kill it instead (use them for rewards that
+may hang).
 
 The reward function gets the prompt text and the dataset row's other fields (``metadata``);
 its scores are then multiplied by ``reward.scale`` and clipped to ``±reward.clip``.
