@@ -209,7 +209,7 @@ class RewardConfig:
     timeout_s: float = _field(
         10.0,
         gt=0,
-        help="per-response deadline: past it a response scores 0 (workers kill it; in process it is abandoned)",
+        help="per-response deadline: past it a response scores 0 (its reward is abandoned)",
     )
 
 
