@@ -15,7 +15,7 @@ forward pass is saved; it is right when each batch gets a single update.
 Metrics per step: ``loss`` (the whole objective), ``pg_loss``, ``kl_loss``, ``entropy_loss``,
 ``clip_frac`` (+ ``_low`` / ``_high``, ``dual_clip_frac``), ``approx_kl`` (vs π_old),
 ``kl`` (vs the reference), ``entropy``, ``ratio_*``, ``importance_weight_*``, ``tokens``,
-``seqs``, ``grad_norm`` (before clipping), ``lr``, ``update_skipped``.
+``seqs``, ``grad_norm`` (before clipping), ``lr``, ``update_skipped``, ``nonfinite_skipped``.
 """
 
 from __future__ import annotations

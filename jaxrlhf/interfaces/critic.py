@@ -7,7 +7,7 @@ the state token t was generated from (what `algorithms.gae` expects). Train batc
 
 Metrics per step: ``loss`` (= ``value_loss``), ``clip_frac``, ``explained_variance`` (over the
 whole batch), ``value_mean``, ``return_mean``, ``tokens``, ``seqs``, ``grad_norm``, ``lr``,
-``update_skipped``.
+``update_skipped``, ``nonfinite_skipped``.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ spec=RMLossSpec(), ...)`; the loss maths is `algorithms.bradley_terry`.
 
 Metrics: ``loss``, ``accuracy`` (fraction with r_chosen > r_rejected; ties count as wrong),
 ``margin`` (mean r_chosen − r_rejected), ``chosen_score``, ``rejected_score``, ``pairs``,
-``tokens``, ``grad_norm``, ``lr``, ``update_skipped``. The head's bias is not trained (the loss
-does not depend on it), so exported models need no ``score.bias``.
+``tokens``, ``grad_norm``, ``lr``, ``update_skipped``, ``nonfinite_skipped``. The head's bias
+is not trained (the loss does not depend on it), so exported models need no ``score.bias``.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ exact normalisation by the whole batch's token count and the skipped empty micro
 from there, so packed and padded layouts of the same sequences give the same loss and update.
 
 Metrics per step: ``loss`` (mean NLL), ``tokens``, ``seqs``, ``grad_norm``, ``lr``,
-``update_skipped``. Evaluation (`sft_eval`): summed NLL and token count, hence the mean loss and
-the perplexity exp(loss).
+``update_skipped``, ``nonfinite_skipped``. Evaluation (`sft_eval`): summed NLL and token count,
+hence the mean loss and the perplexity exp(loss).
 """
 
 from __future__ import annotations

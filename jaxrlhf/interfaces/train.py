@@ -16,6 +16,12 @@ so it is skipped: filler micro-batches from bucketing have no effect and cost no
 whole batch without loss tokens has loss 0 and leaves the state untouched: no update, no weight
 decay, no change to the moments or the step count (``update_skipped`` = 1).
 
+Non-finite steps: when a loss metric (`LOSS_METRICS`) or the gradient's global norm is NaN or
+inf, the update is skipped the same way (the state is bit-equal to the one given) and the step
+reports ``nonfinite_skipped`` = 1 and ``update_skipped`` = 1; its other metrics keep their
+non-finite values, so the caller can name the bad one (the run loop stops after
+``algorithm.max_bad_steps`` such steps in a row).
+
 Caching: the compiled step is keyed on (loss, spec, model config, optimizer, schedule horizon,
 mesh, parameter layout, batch shapes); all are hashable, so equal shapes compile once.
 """
@@ -56,9 +62,11 @@ Metrics = dict[str, jax.Array]
 # (params, mb, den) -> (loss, metrics), with cfg / spec / mesh bound by keyword (module docstring).
 MicroBatchLoss = Callable[..., tuple[jax.Array, Metrics]]
 
+# The losses a step may report; one that is not finite skips the update (module docstring).
+LOSS_METRICS = ("loss", "pg_loss", "kl_loss", "entropy_loss", "value_loss")
 # Metrics that add up over micro-batches; "*_max" / "*_min" reduce by max / min over the
 # micro-batches that have tokens; everything else is a token-weighted mean.
-SUM_METRICS = ("loss", "pg_loss", "kl_loss", "entropy_loss", "value_loss", "tokens", "seqs")
+SUM_METRICS = (*LOSS_METRICS, "tokens", "seqs")
 
 
 class LossSpec:
@@ -152,15 +160,22 @@ def global_norm(tree: Params) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
+def losses_finite(metrics: Metrics) -> jax.Array:
+    """True when every loss metric present (`LOSS_METRICS`) is finite."""
+    return jnp.all(jnp.asarray([jnp.isfinite(metrics[k]) for k in LOSS_METRICS if k in metrics]))
+
+
 def apply_gradients(
     state: TrainState,
     grads: Params,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     skip: jax.Array,
+    finite: jax.Array | bool = True,
 ) -> tuple[TrainState, Metrics]:
-    """One optimizer update; ``skip`` leaves the state as it is. The float32 gradients drive
-    the update; params and optimizer moments keep their dtypes (e.g. bfloat16)."""
+    """One optimizer update. ``skip`` (no loss tokens), ``finite`` false (a non-finite loss) or a
+    non-finite gradient norm leave the state exactly as it is. The float32 gradients drive the
+    update; params and optimizer moments keep their dtypes (e.g. bfloat16)."""
 
     def update(s: TrainState) -> TrainState:
         updates, opt_state = tx.update(grads, s.opt_state, s.params)
@@ -168,10 +183,14 @@ def apply_gradients(
         params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), s.params, updates)
         return TrainState(params=params, opt_state=opt_state, step=s.step + 1)
 
+    grad_norm = global_norm(grads)
+    nonfinite = jnp.logical_not(jnp.logical_and(finite, jnp.isfinite(grad_norm)))
+    skip = jnp.logical_or(skip, nonfinite)
     metrics = {
-        "grad_norm": global_norm(grads),
+        "grad_norm": grad_norm,
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
         "update_skipped": skip.astype(jnp.float32),
+        "nonfinite_skipped": nonfinite.astype(jnp.float32),
     }
     return jax.lax.cond(skip, lambda s: s, update, state), metrics
 
@@ -197,8 +216,9 @@ def train_step(
     mesh: Mesh | None = None,
 ) -> tuple[TrainState, Metrics]:  # fmt: skip
     """Pure update on a stacked packed batch ``[M, ...]``: accumulate, then one optimizer step
-    (skipped without loss tokens). Jit it, or use `compile_train_step`. Returns the new state and
-    scalar metrics (device arrays; nothing is synced to the host)."""
+    (skipped without loss tokens or with a non-finite loss or gradient). Jit it, or use
+    `compile_train_step`. Returns the new state and scalar metrics (device arrays; nothing is
+    synced to the host)."""
     check_batch(shapes_of(batch), spec.required_fields(), spec.name)
     tx = make_optimizer(opt, total_steps)
     layout = ParamLayout.of(state.params)
@@ -206,7 +226,10 @@ def train_step(
     grads, metrics = batch_gradients(mb_loss, state.params, batch, aux, cfg=cfg, spec=spec,
                                      mesh=mesh, grad_shardings=grad_sh)  # fmt: skip
     schedule = lr_schedule(opt, total_steps)
-    state, opt_metrics = apply_gradients(state, grads, tx, schedule, metrics["tokens"] == 0)
+    no_tokens = metrics["tokens"] == 0
+    state, opt_metrics = apply_gradients(
+        state, grads, tx, schedule, no_tokens, finite=losses_finite(metrics)
+    )
     return state, metrics | opt_metrics
 
 
