@@ -99,6 +99,32 @@ MATH_CASES = [
     (r"\boxed{\text{(B)}}", r"\text{(C)}", 0.0),
     (r"$\boxed{x^2 - 1}$", "(x-1)(x+1)", 1.0),
     (r"\boxed{\frac{1}{2}}", r"The answer: $\boxed{\dfrac12}$", 1.0),
+    # --- exact numbers: a tolerance only for decimals approximating 1/3, sqrt(2), ...
+    (r"\boxed{1000001}", "1000000", 0.0),
+    (r"\boxed{123456789}", "123456700", 0.0),
+    ("The answer is 12,000,032.", "12000023", 0.0),
+    (r"\boxed{2.0000001}", "2", 0.0),
+    (r"\boxed{1000000.6}", "1000000.5", 0.0),
+    (r"\boxed{10^6+1}", "1000000", 0.0),
+    (r"\boxed{1.4142136}", r"\sqrt{2}", 1.0),
+    # --- the "answer is" / "Answer:" span
+    (r"The final answer is \((-6, 10)\)", "(-6, 10)", 1.0),
+    (r"The final answer is \((-6, 10)\)", "-6", 0.0),
+    ("Answer: Janet makes $18 every day.", "18", 1.0),
+    ("Answer: Janet makes $19 every day.", "18", 0.0),
+    (r"Final Answer: The final answer is $\frac{2}{3}$. I hope it is correct.", "2/3", 1.0),
+    (r"Final Answer: The final answer is $(1, 2)$. I hope it is correct.", "(1,2)", 1.0),
+    # --- number formats
+    (r"\boxed{1\,234}", "1234", 1.0),
+    ("raw text 1\\,234", "1234", 1.0),
+    (r"\boxed{12 345}", "12345", 1.0),
+    (r"\boxed{1{,}234}", "1235", 0.0),
+    ("So the probability is 2/3.", "2/3", 1.0),
+    ("So the probability is 2/3.", "3", 0.0),
+    ("The rate grew by 40%.", "0.4", 1.0),
+    (r"\boxed{2}", "2 = y", 1.0),
+    (r"\boxed{3}", "2 = y", 0.0),
+    (r"\boxed{2x+1+x^2}", "y = x^2+2x+1", 1.0),
     # --- malformed or missing output
     ("", "42", 0.0),
     ("   ", "42", 0.0),
@@ -161,6 +187,16 @@ def test_extract_answer_rules() -> None:
     assert extract_answer(r"\boxed{1} and \boxed{2") is None
     assert extract_answer("#### 5\nExtra text") == "5"
     assert extract_answer("nothing here") is None
+    assert extract_answer(r"The final answer is \((-6, 10)\).") == "-6, 10".join("()")
+    assert extract_answer("Answer: Janet makes $18 every day.") == "18"
+    assert extract_answer("Final Answer: The final answer is $x^2$. I hope it is correct.") == "x^2"
+    assert extract_answer("so it is 2/3.") == "2/3"
+    assert extract_answer(r"we get 1\,234 apples") == r"1\,234"
+    assert extract_answer("it grows by 40%") == "40%"
+    assert extract_answer(r"so the pair is $(7, 6)$.") == "(7, 6)"
+    assert extract_answer("He pays $18 for shirts and $20 for pants.") == "20"  # currency
+    assert extract_answer("-1 + sqrt(3)") == "-1 + sqrt(3)"
+    assert extract_answer("3+4=7") == "7"
 
 
 def test_math_table_with_sympy_fallback(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,8 +6,12 @@ Order for a response (the first rule that applies wins):
 2. the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces; ``\\boxed 5`` too). When the last
    one is unbalanced the response is malformed and has no answer;
 3. the text after the last GSM8K ``####`` marker, to the end of its line;
-4. the text after the last "answer is" / "answer:" to the end of its sentence;
-5. the last number (or ``\\frac{a}{b}``) in the text.
+4. after the last "answer is" / "answer:": a math span that starts there (``$...$``, ``\\(...\\)``,
+   ``\\[...\\]``) whole, else the text to the end of its sentence; a sentence of words
+   ("Janet makes $18 every day.") gives its last number instead;
+5. a short response that is itself an answer ("-1 + sqrt(3)", "2 000"), as is;
+6. the last math span when no number follows it, else the last number (``\\frac{a}{b}``,
+   ``2/3``, ``1\\,234``, ``40%`` included).
 """
 
 from __future__ import annotations
@@ -17,10 +21,21 @@ import re
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
 _ANSWER_IS_RE = re.compile(r"(?:final\s+answer|answer)\s*(?:is\b|:|=)\s*:?", re.I)
+_FRAC_ARG = r"(?:\{[^{}]{1,40}\}|\d)"
+_GROUP_SEP = r"(?:,\\!|,|\\,|\{,\}|\\!| )"  # thousands: 1,234  1\,234  1{,}234  1 234
 _NUMBER_RE = re.compile(
-    r"\\[dt]?frac\{[^{}]{1,40}\}\{[^{}]{1,40}\}"
-    r"|(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+(?![\d.]))?"
+    rf"-?\\[dtc]?frac{_FRAC_ARG}{_FRAC_ARG}"
+    rf"|(?<![\w.])-?(?:(?:\d{{1,3}}(?:{_GROUP_SEP}\d{{3}}(?!\d))+|\d+)(?:\.\d+)?|\.\d+)"
+    r"(?:\s*/\s*\d+(?!\d|\.\d))?(?:\s*\\?%)?"
 )
+# A math span: $$...$$, \[...\], \(...\) or $...$ on one line (a lone "$18" is currency).
+_MATH_SPAN_RE = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|\$([^$\n]+?)\$(?!\d)", re.S)
+_WORDS_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}")
+_PLAIN_WORD_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
+_MATH_WORDS = {"sqrt", "frac", "pi", "log", "ln", "exp", "sin", "cos", "tan", "infty", "cup"}
+_BARE_MAX_CHARS = 60
+_BARE_RE = re.compile(r"-?\d{1,3}(?: \d{3})+(?:\.\d+)?")
+_BARE_HINT_RE = re.compile(r"\\|\*\*|\^|\b(?:sqrt|log|ln|exp|sin|cos|tan|pi)\(")
 
 
 def _box_content(text: str, m: re.Match[str]) -> str | None:
@@ -66,15 +81,50 @@ def _after_marker(text: str) -> str | None:
     return line.strip() or None
 
 
+def _span_text(m: re.Match[str]) -> str:
+    return next(g for g in m.groups() if g is not None).strip()
+
+
+def _is_math_like(text: str) -> bool:
+    """No plain words beyond maths names ("sqrt", "pi"): an answer, not a sentence."""
+    return all(w.casefold() in _MATH_WORDS for w in _PLAIN_WORD_RE.findall(text))
+
+
 def _after_answer_is(text: str) -> str | None:
     matches = list(_ANSWER_IS_RE.finditer(text))
     if not matches:
         return None
-    rest = text[matches[-1].end() :].strip().split("\n", 1)[0]
+    rest = text[matches[-1].end() :].lstrip(" *")
+    span = _MATH_SPAN_RE.match(rest)
+    if span:  # "The final answer is \((-6, 10)\)": the whole span, commas included
+        return _span_text(span) or None
+    rest = rest.split("\n", 1)[0]
     # End of sentence: a period, or a comma followed by a space ("$18, which is ...").
-    rest = re.split(r"\.(?=\s|$)|,\s", rest, maxsplit=1)[0]
+    rest = re.split(r"\.(?=\s|$)|,\s(?!\d{3}(?!\d))", rest, maxsplit=1)[0]
     rest = rest.replace("**", "").strip()
+    if _WORDS_RE.search(rest):  # "Janet makes $18 every day": the sentence's last number
+        numbers = _NUMBER_RE.findall(rest)
+        return numbers[-1].strip() if numbers else None
     return rest or None
+
+
+def _bare_answer(text: str) -> str | None:
+    """A short response that is only an expression (``-1 + sqrt(3)``, ``2**(1/4)``) or a number
+    grouped by spaces (``2 000``). Anything else, ``3+4=7`` included, is left to the last-number
+    rule, so the common short numeric response never reaches the symbolic check."""
+    s = text.strip().rstrip(".")
+    if not s or len(s) > _BARE_MAX_CHARS or "\n" in s or "=" in s or not _is_math_like(s):
+        return None
+    return s if _BARE_RE.fullmatch(s) or _BARE_HINT_RE.search(s) else None
+
+
+def _last_span_or_number(text: str) -> str | None:
+    """The last math span unless a number follows it; else the last number."""
+    numbers = list(_NUMBER_RE.finditer(text))
+    spans = [m for m in _MATH_SPAN_RE.finditer(text) if _is_math_like(_span_text(m))]
+    if spans and (not numbers or numbers[-1].end() <= spans[-1].end()):
+        return _span_text(spans[-1]) or None
+    return numbers[-1].group(0).strip() if numbers else None
 
 
 def extract_answer(response: str, *, boxed_only: bool = False) -> str | None:
@@ -93,12 +143,11 @@ def extract_answer(response: str, *, boxed_only: bool = False) -> str | None:
         return (boxed.strip() or None) if boxed is not None else None
     if boxed_only:
         return None
-    for rule in (_after_marker, _after_answer_is):
+    for rule in (_after_marker, _after_answer_is, _bare_answer, _last_span_or_number):
         found = rule(text)
         if found:
             return found
-    numbers = _NUMBER_RE.findall(text)
-    return numbers[-1] if numbers else None
+    return None
 
 
 def extract_reference(answer: str) -> str:

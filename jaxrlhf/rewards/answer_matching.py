@@ -4,9 +4,11 @@ Three tests, cheapest first:
 1. normalised strings are equal (LaTeX spacing, ``\\dfrac``, ``\\text{}``, ``$``, case);
 2. when **both** sides read as plain numbers (integers, decimals, ``1,000``, ``3/4``,
    ``\\frac{3}{4}``, mixed numbers ``2\\frac{1}{2}``, percentages, currency and trailing unit
-   words), the numeric comparison decides alone: equal within a relative tolerance of
-   ``REL_TOL = 1e-6``. So ``0.33``, ``0.333`` and ``0.3333`` are *not* ``1/3`` while
-   ``0.3333333`` is; ``50%`` equals both ``50`` and ``0.5``;
+   words), the numeric comparison decides alone. Exact values compare exactly: integers and
+   decimals (``1000001`` is not ``1000000``, ``2.0000001`` is not ``2``) and fractions. A
+   tolerance, ``REL_TOL = 1e-6`` relative, applies only where a decimal approximates a fraction
+   that has no finite decimal form: ``0.3333333`` is ``1/3`` while ``0.33``, ``0.333`` and
+   ``0.3333`` are not. ``50%`` equals both ``50`` and ``0.5``;
 3. otherwise symbolic equivalence (math_verify or sympy) under a hard deadline.
 """
 
@@ -23,7 +25,7 @@ _MAX_NUMBER_CHARS = 64  # longer digit strings are not numbers we compare (or wa
 _WRAPPER_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
 _SPACING_RE = re.compile(r"\\(?:left|right|displaystyle)(?![A-Za-z])|\\[!,;: ]|~")
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree(?![A-Za-z])")
-_DEC = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
+_DEC = r"(?:\d{1,3}(?:,\d{3})+|\d{1,3}(?: \d{3})+|\d+)(?:\.\d+)?|\.\d+"
 _NUMBER_FORMS = [
     (re.compile(rf"({_DEC})"), lambda m: _dec(m[1])),
     (re.compile(rf"({_DEC})\s*/\s*({_DEC})"), lambda m: _div(_dec(m[1]), _dec(m[2]))),
@@ -40,11 +42,17 @@ _NUMBER_FORMS = [
 _UNITS_ATTACHED = r"cm|mm|km|m|kg|mg|g|ml|l|s|sec|min|hrs?|ft|mph|lbs?|oz"
 _UNIT_WORDS_RE = re.compile(r"(.*?[\d}])\s+[A-Za-z][A-Za-z .'/-]*(?:\^\s*\{?\d\}?)?")
 _UNIT_ATTACHED_RE = re.compile(rf"(.*?\d)(?:{_UNITS_ATTACHED})(?:\^\s*\{{?\d\}}?)?")
-_ASSIGNMENT_RE = re.compile(r"[A-Za-z](?:_\{?\w+\}?)?\s*=\s*(.+)", re.S)
+_VARIABLE = r"(?:[A-Za-z](?:_\{?\w+\}?)?|\(\s*[A-Za-z](?:\s*,\s*[A-Za-z])*\s*\))"
+_ASSIGNMENT_RES = (  # "x = 5", "(p,q) = (3,2)", and "5 = x"
+    re.compile(rf"{_VARIABLE}\s*=\s*(.+)", re.S),
+    re.compile(rf"(.+?)\s*=\s*{_VARIABLE}", re.S),
+)
+# Thousands separators written in LaTeX: 1\,234  1{,}234  1,\!234  1\ 234 (read as 1,234).
+_LATEX_GROUP_RE = re.compile(r"(?<=\d)(?:,\\!|\\,|\\!|\{,\}|\\ |~)(?=\d{3}(?!\d))")
 
 
 def _dec(text: str) -> Fraction:
-    return Fraction(text.replace(",", ""))
+    return Fraction(text.replace(",", "").replace(" ", ""))
 
 
 def _div(a: Fraction, b: Fraction) -> Fraction:
@@ -63,10 +71,11 @@ def clean(answer: str) -> str:
     """Remove presentation: math delimiters, spacing commands, text wrappers, degrees."""
     s = answer.replace("\\$", "").replace("$", "")
     s = re.sub(r"\\[()\[\]]", "", s)
+    s = _LATEX_GROUP_RE.sub(",", s)
     for _ in range(3):  # nested wrappers, innermost first
         s = _WRAPPER_RE.sub(r" \1", s)
     s = _SPACING_RE.sub(" ", s)
-    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
     s = _DEGREE_RE.sub("", s).replace("{,}", ",").replace("\\%", "%").replace("\u2212", "-")
     s = " ".join(s.split())
     return s.rstrip(".").strip()
@@ -112,11 +121,40 @@ def parse_number(answer: str) -> tuple[Fraction, bool] | None:
     return None
 
 
+def _finite_decimal(x: Fraction) -> bool:
+    """True if ``x`` has a finite decimal form (its denominator has no prime but 2 and 5)."""
+    d = x.denominator
+    for p in (2, 5):
+        while d % p == 0:
+            d //= p
+    return d == 1
+
+
+def _approximates(x: Fraction, y: Fraction) -> bool:
+    """``x``, a non-integer decimal, is ``y`` (with no finite decimal form) to ``REL_TOL``."""
+    return (
+        x.denominator != 1
+        and _finite_decimal(x)
+        and not _finite_decimal(y)
+        and abs(x - y) <= REL_TOL * max(abs(x), abs(y))
+    )
+
+
 def numbers_match(a: tuple[Fraction, bool], b: tuple[Fraction, bool]) -> bool:
-    """Equal within ``REL_TOL``; a percentage may also be read as a fraction of 100."""
+    """Equal exactly, or one side a decimal approximation of the other (see the module
+    docstring); a percentage may also be read as a fraction of 100."""
     xs = [a[0], a[0] / 100] if a[1] else [a[0]]
     ys = [b[0], b[0] / 100] if b[1] else [b[0]]
-    return any(x == y or abs(x - y) <= REL_TOL * max(abs(x), abs(y)) for x in xs for y in ys)
+    return any(x == y or _approximates(x, y) or _approximates(y, x) for x in xs for y in ys)
+
+
+def _value_of(answer: str) -> str:
+    """The value side of a one-variable assignment (``x = 5``, ``5 = x``), else ``answer``."""
+    for pattern in _ASSIGNMENT_RES:
+        m = pattern.fullmatch(answer.strip())
+        if m:
+            return m[1].strip()
+    return answer
 
 
 def _is_text(answer: str) -> bool:
@@ -131,10 +169,10 @@ def answers_match(pred: str, gold: str, *, timeout: float = 5.0) -> bool:
         return False
     p_sym = pred.replace("\\$", "").replace("$", "").strip().rstrip(".")
     g_sym = gold.replace("\\$", "").replace("$", "").strip().rstrip(".")
-    if "=" in p and "=" not in g:
-        m = _ASSIGNMENT_RE.fullmatch(p)  # "x = 5" against "5"
-        if m:
-            p = m[1].strip()
+    if "=" in p and "=" not in g:  # "x = 5" against "5"
+        p, p_sym = _value_of(p), _value_of(p_sym)
+    elif "=" in g and "=" not in p:  # "5" against "2 = y"... or "y = 5"
+        g, g_sym = _value_of(g), _value_of(g_sym)
     if normalize(p) == normalize(g):
         return True
     p_num, g_num = parse_number(p), parse_number(g)

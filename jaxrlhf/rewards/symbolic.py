@@ -19,8 +19,12 @@ import math
 import os
 import re
 import threading
+from typing import TYPE_CHECKING
 
 from jaxrlhf.rewards.worker import Worker, WorkerError, WorkerTimeout
+
+if TYPE_CHECKING:
+    import sympy
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +94,8 @@ def equal_now(gold: str, pred: str, soft_timeout: int | None = None) -> bool:
     if threading.current_thread() is not threading.main_thread():
         soft_timeout = None  # math_verify's signal-based timeout raises off the main thread
     try:
-        gold_parsed = math_verify.parse(f"${gold}$", parsing_timeout=soft_timeout)
-        pred_parsed = math_verify.parse(f"${pred}$", parsing_timeout=soft_timeout)
+        gold_parsed = math_verify.parse(f"${plain_to_latex(gold)}$", parsing_timeout=soft_timeout)
+        pred_parsed = math_verify.parse(f"${plain_to_latex(pred)}$", parsing_timeout=soft_timeout)
         if not gold_parsed or not pred_parsed:
             return False
         return bool(math_verify.verify(gold_parsed, pred_parsed, timeout_seconds=soft_timeout))
@@ -100,6 +104,41 @@ def equal_now(gold: str, pred: str, soft_timeout: int | None = None) -> bool:
 
 
 equal_now.needs_symbolic = True  # type: ignore[attr-defined]
+
+
+def _closing_paren(s: str, i: int) -> int:
+    """Index of the ``)`` that closes the ``(`` at ``s[i]``, or -1."""
+    depth = 0
+    for j in range(i, len(s)):
+        depth += {"(": 1, ")": -1}.get(s[j], 0)
+        if depth == 0:
+            return j
+    return -1
+
+
+def plain_to_latex(s: str) -> str:
+    """Calculator syntax as LaTeX: ``sqrt(3)`` -> ``\\sqrt{3}``, ``2**(1/4)`` -> ``2^{(1/4)}``.
+
+    math_verify reads ``sqrt(3)`` in LaTeX as the letters s, q, r, t; text with a backslash is
+    LaTeX already and is returned as is.
+    """
+    if "\\" in s or ("sqrt(" not in s and "**" not in s):
+        return s
+    s = s.replace("**", "^")
+    out, i = [], 0
+    while i < len(s):
+        if s.startswith("sqrt(", i) or s.startswith("^(", i):
+            head = 4 if s[i] == "s" else 1
+            end = _closing_paren(s, i + head)
+            if end < 0:
+                return s
+            inner = plain_to_latex(s[i + head + 1 : end])
+            out.append(f"\\sqrt{{{inner}}}" if head == 4 else f"^{{({inner})}}")
+            i = end + 1
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
 
 
 # ---- sympy fallback -------------------------------------------------------------------------
@@ -169,6 +208,29 @@ def latex_to_plain(s: str) -> str | None:
     return "".join(out)
 
 
+def _finite_decimal(x: sympy.Rational) -> bool:
+    d = int(x.q)
+    for p in (2, 5):
+        while d % p == 0:
+            d //= p
+    return d == 1
+
+
+def _numbers_close(a: sympy.Expr, b: sympy.Expr) -> bool:
+    """Two numbers that ``simplify`` found different: equal only where one is a decimal that
+    approximates a value with no finite decimal form (1/3, sqrt(2)) to a relative 1e-6. An
+    integer or a finite decimal compares exactly, as in :mod:`answer_matching`."""
+    import sympy
+
+    if (a.is_Float and b.is_Float) or not (a.is_Float or b.is_Float):
+        return bool(a == b)  # two decimals, or two exact values simplify() could not equate
+    decimal, other = (a, b) if a.is_Float else (b, a)
+    if other.is_rational and _finite_decimal(other):
+        return sympy.Rational(str(decimal)) == other
+    x, y = complex(a.evalf()), complex(b.evalf())
+    return abs(x - y) <= 1e-6 * max(abs(x), abs(y))
+
+
 def _sympy_equal(gold: str, pred: str) -> bool:
     import sympy
     from sympy.parsing.sympy_parser import (
@@ -203,8 +265,7 @@ def _sympy_equal(gold: str, pred: str) -> bool:
         if sympy.simplify(a - b) == 0:
             return True
         if a.is_number and b.is_number:
-            x, y = complex(a.evalf()), complex(b.evalf())
-            return abs(x - y) <= 1e-6 * max(abs(x), abs(y))
+            return _numbers_close(a, b)
     except Exception:
         return False
     return False
