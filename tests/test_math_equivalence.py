@@ -11,6 +11,7 @@ against ``28%``, an unordered list, a decimal comma). The cases are written in o
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
@@ -82,6 +83,22 @@ def test_no_false_positive_on_integer_golds(results: list[tuple[dict, bool]]) ->
     wrong = [c for c, got in results if _is_integer(c["gold"]) and got and not c["expected"]]
     assert len([c for c in CASES if _is_integer(c["gold"]) and not c["expected"]]) >= 60
     assert not wrong, wrong
+
+
+def test_sympy_fallback_never_credits_a_wrong_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without math_verify (the sympy fallback, checked in-process) the table still agrees on
+    at least 95% and no wrong answer scores."""
+    from jaxrlhf.rewards import symbolic
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # import math_verify -> ImportError
+    monkeypatch.setattr(symbolic, "_inline", True)
+    plain = [c for c in CASES if not c["convention"]]
+    got = [math_reward(c["prediction"], c["gold"]) == 1.0 for c in plain]
+    false_positives = [c for c, g in zip(plain, got, strict=True) if g and not c["expected"]]
+    assert not false_positives, false_positives
+    agreement = sum(g == c["expected"] for c, g in zip(plain, got, strict=True)) / len(plain)
+    print(f"\nsympy fallback: {agreement:.1%} of {len(plain)} non-convention cases")
+    assert agreement >= 0.95
 
 
 @pytest.mark.parametrize("gold", [10**k for k in range(3, 19)] + [123456700, 2**31 - 1, 2**63])

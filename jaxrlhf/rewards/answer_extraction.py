@@ -30,9 +30,11 @@ _NUMBER_RE = re.compile(
 )
 # A math span: $$...$$, \[...\], \(...\) or $...$ on one line (a lone "$18" is currency).
 _MATH_SPAN_RE = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|\$([^$\n]+?)\$(?!\d)", re.S)
-_WORDS_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}")
+_WORDS_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}")  # a sentence
+_LEADING_WORD_RE = re.compile(r"[A-Za-z]{2,}\s")  # "an $1,234$ dollars", not "x = 4"
 _PLAIN_WORD_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
 _MATH_WORDS = {"sqrt", "frac", "pi", "log", "ln", "exp", "sin", "cos", "tan", "infty", "cup"}
+_MATH_WORDS |= {"pmatrix", "bmatrix", "vmatrix", "matrix", "array", "cases"}  # \begin{...}
 _BARE_MAX_CHARS = 60
 _BARE_RE = re.compile(r"-?\d{1,3}(?: \d{3})+(?:\.\d+)?")
 _BARE_HINT_RE = re.compile(r"\\|\*\*|\^|\b(?:sqrt|log|ln|exp|sin|cos|tan|pi)\(")
@@ -102,9 +104,9 @@ def _after_answer_is(text: str) -> str | None:
     # End of sentence: a period, or a comma followed by a space ("$18, which is ...").
     rest = re.split(r"\.(?=\s|$)|,\s(?!\d{3}(?!\d))", rest, maxsplit=1)[0]
     rest = rest.replace("**", "").strip()
-    if _WORDS_RE.search(rest):  # "Janet makes $18 every day": the sentence's last number
-        numbers = _NUMBER_RE.findall(rest)
-        return numbers[-1].strip() if numbers else None
+    if _WORDS_RE.search(rest) or _LEADING_WORD_RE.match(rest):
+        # "Janet makes $18 every day": its last number; "no real solution": the words.
+        return _last_span_or_number(rest) or rest
     return rest or None
 
 
