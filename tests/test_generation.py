@@ -266,6 +266,26 @@ def test_generate_bad_input(tiny):
         generate(tiny, [1, 2], max_new_tokens=4)
 
 
+def test_generate_refuses_what_it_would_truncate_or_overflow(tiny):
+    """Float ids are refused (never truncated), as are min > max new tokens, a seed beyond
+    JAX's 64-bit range and ids outside the vocabulary; all before any device work."""
+    cases = {
+        "input_ids must hold integer token ids; got dtype float64": dict(
+            input_ids=np.array([[1.0, 2.7]])),
+        "input_ids must hold integer token ids; got dtype bool": dict(
+            input_ids=np.array([[True, False]])),
+        "row 0: min_new_tokens=5 is more than max_new_tokens=4": dict(
+            input_ids=[[1, 2]], min_new_tokens=5),
+        r"row 0: seed=1180591620717411303424 is invalid": dict(input_ids=[[1, 2]], seed=2**70),
+        r"row 1: prompt token id -3 is outside \[0, 97\)": dict(input_ids=[[1, 2], [4, -3]]),
+        r"input_ids must be \[batch, seq\]; got shape \(0, 3\)": dict(
+            input_ids=np.zeros((0, 3), np.int32)),
+    }  # fmt: skip
+    for msg, kwargs in cases.items():
+        with pytest.raises(InvalidRequestError, match=msg):
+            generate(tiny, max_new_tokens=4, **kwargs)
+
+
 def _pooled_chi_square(counts, expected_counts, min_expected=5.0):
     """Chi-square p-value with tokens of small expected count pooled into one bin."""
     big = expected_counts >= min_expected

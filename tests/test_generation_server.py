@@ -211,6 +211,93 @@ def test_bad_requests_get_errors_and_server_keeps_serving(model):
     assert server.health()["rejected"] == len(bad)
 
 
+def test_every_bad_request_gets_a_failed_handle_and_submit_never_raises(model):
+    """The submit contract: each refused request returns a done handle whose result() raises
+    one sentence naming the value; in-range edge values (the 64-bit seed bounds, the last
+    sample index, min_new_tokens == max_new_tokens) run."""
+    ok = SamplingParams(max_new_tokens=5)
+    bad = {
+        r"seed=1180591620717411303424 is invalid; expected None or an integer in \[-2\*\*63": (
+            [1, 2], SamplingParams(max_new_tokens=3, seed=2**70)),
+        r"seed=-9223372036854775809 is invalid": (
+            [1, 2], SamplingParams(max_new_tokens=3, seed=-(2**63) - 1)),
+        r"seed=1.5 is invalid": ([1, 2], SamplingParams(max_new_tokens=3, seed=1.5)),
+        r"seed=True is invalid": ([1, 2], SamplingParams(max_new_tokens=3, seed=True)),
+        r"integer token ids; got 2.5 at position 1": ([1, 2.5], ok),
+        r"integer token ids; got 1.0 at position 0": ([1.0, 2], ok),
+        r"integer token ids; got dtype float32": (np.array([1, 2], np.float32), ok),
+        r"integer token ids; got True at position 0": ([True, 2], ok),
+        r"integer token ids; got '3' at position 0": (["3"], ok),
+        r"sequence of integer token ids; got str": ("12", ok),
+        r"integer token ids; got \[1, 2\] at position 0": ([[1, 2]], ok),
+        r"one sequence of integer token ids; got shape \(1, 2\)": (np.array([[1, 2]]), ok),
+        r"sequence of integer token ids; got NoneType": (None, ok),
+        r"token id -1 is outside \[0, 97\)": ([3, -1], ok),
+        r"token id 2361183241434822606848 is outside": ([2**71], ok),
+        r"min_new_tokens=6 is more than max_new_tokens=5": (
+            [1], SamplingParams(max_new_tokens=5, min_new_tokens=6)),
+        r"stop token id 1.5 is not an integer": (
+            [1], SamplingParams(max_new_tokens=5, stop_token_ids=(1.5,))),
+        r"sample_offset=-1 is invalid": ([1], SamplingParams(max_new_tokens=5, sample_offset=-1)),
+        r"sample_offset=4294967295 \+ n=2 exceeds": (
+            [1], SamplingParams(max_new_tokens=5, sample_offset=2**32 - 1, n=2)),
+        r"top_k=2.0 is invalid": ([1], SamplingParams(max_new_tokens=5, top_k=2.0)),
+        r"n=0 is invalid": ([1], SamplingParams(max_new_tokens=5, n=0)),
+        r"temperature=nan is invalid": ([1], SamplingParams(max_new_tokens=5, temperature=np.nan)),
+        r"sampling params must be a SamplingParams, got dict": ([1], {"max_new_tokens": 5}),
+    }  # fmt: skip
+    server = _server(model)
+    handles = {}
+    for msg, args in bad.items():
+        handles[msg] = server.submit(*args)  # never raises
+        assert handles[msg].done(), msg
+    named = server.submit([1], ok, request_id=7)
+    assert named.done()
+    edge = {
+        "seed_high": SamplingParams(max_new_tokens=2, seed=2**63 - 1),
+        "seed_low": SamplingParams(max_new_tokens=2, seed=-(2**63)),
+        "last_sample_index": SamplingParams(max_new_tokens=2, sample_offset=2**32 - 1),
+        "min_equals_max": SamplingParams(max_new_tokens=3, min_new_tokens=3, seed=1),
+    }
+    good = {k: server.submit(np.array([4, 5], np.int64), p) for k, p in edge.items()}
+    server.run_until_idle()
+    for msg, handle in handles.items():
+        with pytest.raises(InvalidRequestError, match=msg):
+            handle.result()
+        assert "\n" not in str(handle.exception())
+    with pytest.raises(InvalidRequestError, match="request_id 7 is not a string"):
+        named.result()
+    for key, handle in good.items():
+        assert len(handle.result().completions[0].tokens) == edge[key].max_new_tokens, key
+    assert server.health()["rejected"] == len(bad) + 1
+
+
+def test_prompt_longer_than_the_model_positions_is_refused(model):
+    """max_position_embeddings bounds a request even when the cache (max_seq_len) is larger:
+    the prompt plus max_new_tokens - 1 fed tokens must fit it."""
+    import dataclasses
+
+    short = ModelHandle(dataclasses.replace(CFG, max_position_embeddings=64), model.params)
+    server = _server(short, max_seq_len=256)
+    too_long = server.submit(list(range(90)) + list(range(60)), SamplingParams(max_new_tokens=4))
+    one_over = server.submit([1] * 60, SamplingParams(max_new_tokens=6))
+    fits = server.submit([1] * 60, SamplingParams(max_new_tokens=5))  # 64 positions exactly
+    with pytest.raises(
+        InvalidRequestError,
+        match="prompt of 150 tokens plus max_new_tokens=4 needs 153 positions, more than the "
+        "model's max_position_embeddings=64",
+    ):
+        too_long.result()
+    with pytest.raises(InvalidRequestError, match="needs 65 positions"):
+        one_over.result()
+    assert not fits.done()
+    server.close()
+    with pytest.raises(RuntimeError, match="closed before the request ended"):
+        fits.result()
+    with pytest.raises(InvalidRequestError, match="needs 153 positions, more than the model's"):
+        generate(short, [list(range(90)) + list(range(60))], max_new_tokens=4)
+
+
 def test_device_failure_fails_running_requests_only(model, monkeypatch):
     server = _server(model)
     first = server.submit([1, 2, 3], SamplingParams(max_new_tokens=8))

@@ -84,13 +84,17 @@ def generate(
     ``attention_mask`` is 1 at real tokens (left or right padding); each row's real tokens are
     its prompt. Sample ``j`` of prompt ``i`` draws from key ``fold_in(key(seed), i * n + j)``.
     Stops at ``eos_token_id`` / ``stop_token_ids`` (included in the output) or after
-    ``max_new_tokens``.
+    ``max_new_tokens``. Bad input (float or out-of-vocabulary ids, a prompt plus
+    ``max_new_tokens`` beyond the model's ``max_position_embeddings``, bad sampling settings or
+    ``seed``) raises `InvalidRequestError` (a ValueError) naming the row and the value.
     """
     sampler = model if isinstance(model, Sampler) else sampler_for(model)
     cfg = sampler.config
     ids = np.asarray(input_ids)
-    if ids.ndim != 2:
+    if ids.ndim != 2 or ids.shape[0] == 0:
         raise InvalidRequestError(f"input_ids must be [batch, seq]; got shape {ids.shape}.")
+    if ids.dtype.kind not in "iu":  # floats are refused, never truncated
+        raise InvalidRequestError(f"input_ids must hold integer token ids; got dtype {ids.dtype}.")
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
     if mask.shape != ids.shape:
         raise InvalidRequestError(
@@ -98,18 +102,19 @@ def generate(
         )
     params = SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        min_new_tokens=min_new_tokens, stop_token_ids=tuple(stop_token_ids), n=n,
+        min_new_tokens=min_new_tokens, stop_token_ids=tuple(stop_token_ids), n=n, seed=seed,
     )  # fmt: skip
     prompts = []
     for i, (row, row_mask) in enumerate(zip(ids, mask, strict=True)):
         try:
             prompts.append(
                 validate_request(
-                    row[row_mask.astype(bool)].tolist(),
+                    row[row_mask.astype(bool)],
                     params,
                     vocab_size=cfg.vocab_size,
                     max_seq_len=None,
                     eos_token_id=eos_token_id,
+                    max_positions=cfg.max_position_embeddings,
                 )
             )
         except InvalidRequestError as e:

@@ -46,6 +46,7 @@ from jaxrlhf.generation.types import (
     SamplingParams,
     stop_ids,
     validate_request,
+    wrap_seed,
 )
 from jaxrlhf.logging import compile_totals
 from jaxrlhf.models.handle import ModelHandle
@@ -137,6 +138,8 @@ class GenerationServer:
                 f"prefill_rows={prefill_rows}: expected max_slots >= 1, max_seq_len >= 2, "
                 "decode_chunk >= 1 and prefill_rows >= 1."
             )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed={seed!r} is invalid; expected an integer.")
         self.prefill_rows = min(prefill_rows, max_slots)
         compile_totals()  # start counting compilation (health()["compile_s"])
         self.name = name
@@ -191,7 +194,11 @@ class GenerationServer:
         params: SamplingParams,
         request_id: str | None = None,
     ) -> RequestHandle:
-        """Queue a request; a bad one gets a handle whose ``result()`` raises the error."""
+        """Queue a request. It never raises for a bad request: a closed server or a request
+        `validate_request` refuses (bad token ids or sampling params, a prompt too long for the
+        model or the cache, a seed out of range, a duplicate or non-string ``request_id``) gets
+        a handle that is already done and whose ``result()`` raises the error in one sentence
+        (`InvalidRequestError`, a ValueError; RuntimeError when closed)."""
         with self._cond:
             number = next(self._ids)
             request_id = request_id if request_id is not None else f"{self.name}-{number}"
@@ -199,17 +206,20 @@ class GenerationServer:
             try:
                 if self._closed:
                     raise RuntimeError(f"generation server {self.name!r} is closed.")
+                if not isinstance(request_id, str):
+                    raise InvalidRequestError(f"request_id {request_id!r} is not a string.")
                 if request_id in self._requests:
                     raise InvalidRequestError(f"request_id {request_id!r} is already in flight.")
                 prompt = validate_request(
                     prompt_ids, params, vocab_size=self.config.vocab_size,
                     max_seq_len=self.max_seq_len, eos_token_id=self.eos_token_id,
+                    max_positions=self.config.max_position_embeddings,
                 )  # fmt: skip
             except (InvalidRequestError, RuntimeError) as e:
                 self._stats["rejected"] += 1
                 handle._future.set_exception(e)
                 return handle
-            seed = params.seed if params.seed is not None else self._seed * 1_000_003 + number
+            seed = params.seed if params.seed is not None else wrap_seed(self._seed, number)
             request = _Request(
                 request_id, prompt, params, stop_ids(params, self.eos_token_id), handle,
                 min_update=self._updates_published,

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 
 from jaxrlhf.generation.server import RequestHandle
-from jaxrlhf.generation.types import SamplingParams
+from jaxrlhf.generation.types import InvalidRequestError, SamplingParams, prompt_token_ids
 from jaxrlhf.models.config import TransformerConfig
 
 
@@ -119,11 +119,17 @@ class RemoteGenerationServer:
     def submit(
         self, prompt_ids: Any, params: SamplingParams, request_id: str | None = None
     ) -> RequestHandle:
+        """As `GenerationServer.submit`: a bad request gets a handle whose ``result()`` raises."""
         rid = request_id if request_id is not None else f"{self.name}-{next(self._ids)}"
         handle = RequestHandle(rid)
+        try:  # floats are refused here, never truncated; the child checks the rest
+            prompt = list(prompt_token_ids(prompt_ids))
+        except InvalidRequestError as e:
+            handle._future.set_exception(e)
+            return handle
         with self._lock:
             self._handles[rid] = handle
-            self._send(("submit", rid, [int(t) for t in prompt_ids], params))
+            self._send(("submit", rid, prompt, params))
         return handle
 
     def update_weights(self, params: Any, version: int, *, wait: bool = False) -> None:
