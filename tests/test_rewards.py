@@ -170,6 +170,14 @@ def test_degenerate_responses_are_cheap() -> None:
     assert time.monotonic() - start < 2.0
 
 
+def test_unclosed_math_spans_are_cheap() -> None:
+    """The math-span rule is linear in a response of thousands of unclosed delimiters."""
+    start = time.monotonic()
+    for opener in ("\\[", "\\(", "$$", "$ 1 "):
+        assert math_reward(opener * 20_000, "7") == 0.0
+    assert time.monotonic() - start < 2.0
+
+
 def test_numeric_reference_column() -> None:
     assert math_reward(r"\boxed{42}", 42) == 1.0  # type: ignore[arg-type]
     assert math_reward(r"\boxed{0.75}", 0.75) == 1.0  # type: ignore[arg-type]
@@ -219,6 +227,22 @@ def test_sympy_fallback() -> None:
     assert not _sympy_equal("2x+1", "2x")
     assert not _sympy_equal("12", "12 1")
     assert not _sympy_equal("__import__('os')", "1")  # never reaches eval
+    # Integers and finite decimals compare exactly; a tolerance only for approximations.
+    assert not _sympy_equal("1000000", "10^6+1")
+    assert not _sympy_equal("2", "2.0000001")
+    assert _sympy_equal("10^6", "1000000.0")
+    assert _sympy_equal(r"\frac{1}{3}", "0.3333333")
+    assert _sympy_equal(r"\sqrt{2}", "1.4142136")
+    assert not _sympy_equal(r"\pi", "3.14")
+    assert _sympy_equal(r"\frac{\sqrt{6}+\sqrt{2}}{4}", r"\cos(\pi/12)")  # exact, numerically
+
+
+def test_plain_to_latex() -> None:
+    assert symbolic.plain_to_latex("-1 + sqrt(3)") == r"-1 + \sqrt{3}"
+    assert symbolic.plain_to_latex("2**(1/4)") == "2^{(1/4)}"
+    assert symbolic.plain_to_latex("sqrt(sqrt(2))*x**2") == r"\sqrt{\sqrt{2}}*x^2"
+    assert symbolic.plain_to_latex(r"\sqrt{3}") == r"\sqrt{3}"
+    assert symbolic.plain_to_latex("sqrt(3") == "sqrt(3"  # unbalanced: as is
 
 
 @pytest.mark.parametrize(

@@ -22,14 +22,20 @@ _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
 _ANSWER_IS_RE = re.compile(r"(?:final\s+answer|answer)\s*(?:is\b|:|=)\s*:?", re.I)
 _FRAC_ARG = r"(?:\{[^{}]{1,40}\}|\d)"
-_GROUP_SEP = r"(?:,\\!|,|\\,|\{,\}|\\!| )"  # thousands: 1,234  1\,234  1{,}234  1 234
+# Thousands separators written in LaTeX: 1\,234  1{,}234  1,\!234  1\ 234  1~234.
+LATEX_THOUSANDS_SEP = r"(?:,\\!|\\,|\\!|\{,\}|\\ |~)"
+_GROUP_SEP = rf"(?:{LATEX_THOUSANDS_SEP}|,| )"
 _NUMBER_RE = re.compile(
     rf"-?\\[dtc]?frac{_FRAC_ARG}{_FRAC_ARG}"
     rf"|(?<![\w.])-?(?:(?:\d{{1,3}}(?:{_GROUP_SEP}\d{{3}}(?!\d))+|\d+)(?:\.\d+)?|\.\d+)"
     r"(?:\s*/\s*\d+(?!\d|\.\d))?(?:\s*\\?%)?"
 )
-# A math span: $$...$$, \[...\], \(...\) or $...$ on one line (a lone "$18" is currency).
-_MATH_SPAN_RE = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|\$([^$\n]+?)\$(?!\d)", re.S)
+# A math span: $$...$$, \[...\], \(...\) or $...$ on one line (a lone "$18" is currency). The
+# length bound keeps a response of 20,000 unclosed "\[" linear: no answer is that long.
+_SPAN = r"(.{1,300}?)"
+_MATH_SPAN_RE = re.compile(
+    rf"\$\${_SPAN}\$\$|\\\[{_SPAN}\\\]|\\\({_SPAN}\\\)|\$([^$\n]{{1,300}}?)\$(?!\d)", re.S
+)
 _WORDS_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}")  # a sentence
 _LEADING_WORD_RE = re.compile(r"[A-Za-z]{2,}\s")  # "an $1,234$ dollars", not "x = 4"
 _PLAIN_WORD_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
@@ -102,7 +108,7 @@ def _after_answer_is(text: str) -> str | None:
         return _span_text(span) or None
     rest = rest.split("\n", 1)[0]
     # End of sentence: a period, or a comma followed by a space ("$18, which is ...").
-    rest = re.split(r"\.(?=\s|$)|,\s(?!\d{3}(?!\d))", rest, maxsplit=1)[0]
+    rest = re.split(r"\.(?=\s|$)|,\s", rest, maxsplit=1)[0]
     rest = rest.replace("**", "").strip()
     if _WORDS_RE.search(rest) or _LEADING_WORD_RE.match(rest):
         # "Janet makes $18 every day": its last number; "no real solution": the words.

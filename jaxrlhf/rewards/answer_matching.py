@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
+from jaxrlhf.rewards.answer_extraction import LATEX_THOUSANDS_SEP
 from jaxrlhf.rewards.symbolic import symbolic_equal
 
 REL_TOL = 1e-6
@@ -47,8 +48,7 @@ _ASSIGNMENT_RES = (  # "x = 5", "(p,q) = (3,2)", and "5 = x"
     re.compile(rf"{_VARIABLE}\s*=\s*(.+)", re.S),
     re.compile(rf"(.+?)\s*=\s*{_VARIABLE}", re.S),
 )
-# Thousands separators written in LaTeX: 1\,234  1{,}234  1,\!234  1\ 234 (read as 1,234).
-_LATEX_GROUP_RE = re.compile(r"(?<=\d)(?:,\\!|\\,|\\!|\{,\}|\\ |~)(?=\d{3}(?!\d))")
+_LATEX_GROUP_RE = re.compile(rf"(?<=\d){LATEX_THOUSANDS_SEP}(?=\d{{3}}(?!\d))")  # read as ","
 
 
 def _dec(text: str) -> Fraction:
@@ -140,12 +140,16 @@ def _approximates(x: Fraction, y: Fraction) -> bool:
     )
 
 
+def values_match(x: Fraction, y: Fraction) -> bool:
+    """Equal exactly, or one a decimal approximation of the other (see the module docstring)."""
+    return x == y or _approximates(x, y) or _approximates(y, x)
+
+
 def numbers_match(a: tuple[Fraction, bool], b: tuple[Fraction, bool]) -> bool:
-    """Equal exactly, or one side a decimal approximation of the other (see the module
-    docstring); a percentage may also be read as a fraction of 100."""
+    """:func:`values_match`, where a percentage may also be read as a fraction of 100."""
     xs = [a[0], a[0] / 100] if a[1] else [a[0]]
     ys = [b[0], b[0] / 100] if b[1] else [b[0]]
-    return any(x == y or _approximates(x, y) or _approximates(y, x) for x in xs for y in ys)
+    return any(values_match(x, y) for x in xs for y in ys)
 
 
 def _value_of(answer: str) -> str:

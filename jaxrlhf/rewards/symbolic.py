@@ -19,6 +19,7 @@ import math
 import os
 import re
 import threading
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from jaxrlhf.rewards.worker import Worker, WorkerError, WorkerTimeout
@@ -144,6 +145,7 @@ def plain_to_latex(s: str) -> str:
 # ---- sympy fallback -------------------------------------------------------------------------
 
 _FUNCS = {"sqrt", "pi", "log", "ln", "exp", "sin", "cos", "tan"}
+_EXACT_REL_TOL = 1e-12  # two exact values equal to double precision are one value
 _SAFE_CHARS = re.compile(r"^[0-9A-Za-z+\-*/^().,\s]*$")
 
 
@@ -208,27 +210,23 @@ def latex_to_plain(s: str) -> str | None:
     return "".join(out)
 
 
-def _finite_decimal(x: sympy.Rational) -> bool:
-    d = int(x.q)
-    for p in (2, 5):
-        while d % p == 0:
-            d //= p
-    return d == 1
-
-
 def _numbers_close(a: sympy.Expr, b: sympy.Expr) -> bool:
-    """Two numbers that ``simplify`` found different: equal only where one is a decimal that
-    approximates a value with no finite decimal form (1/3, sqrt(2)) to a relative 1e-6. An
-    integer or a finite decimal compares exactly, as in :mod:`answer_matching`."""
-    import sympy
+    """Two numbers that ``simplify`` found different, under the rule of
+    :func:`~jaxrlhf.rewards.answer_matching.values_match`: equal only where one is a decimal
+    that approximates a value with no finite decimal form (1/3, sqrt(2)); integers and finite
+    decimals compare exactly."""
+    from jaxrlhf.rewards.answer_matching import REL_TOL, values_match  # it imports this module
 
-    if (a.is_Float and b.is_Float) or not (a.is_Float or b.is_Float):
-        return bool(a == b)  # two decimals, or two exact values simplify() could not equate
+    if (a.is_Float and b.is_Float) or (a.is_rational and b.is_rational):
+        return False  # two different decimals, or two different fractions
+    if not (a.is_Float or b.is_Float):  # exact, one irrational: simplify() may miss the identity
+        x, y = complex(a.evalf(30)), complex(b.evalf(30))
+        return abs(x - y) <= _EXACT_REL_TOL * max(abs(x), abs(y))
     decimal, other = (a, b) if a.is_Float else (b, a)
-    if other.is_rational and _finite_decimal(other):
-        return sympy.Rational(str(decimal)) == other
-    x, y = complex(a.evalf()), complex(b.evalf())
-    return abs(x - y) <= 1e-6 * max(abs(x), abs(y))
+    if other.is_rational:
+        return values_match(Fraction(str(decimal)), Fraction(int(other.p), int(other.q)))
+    x, y = complex(decimal), complex(other.evalf())
+    return abs(x - y) <= REL_TOL * max(abs(x), abs(y))
 
 
 def _sympy_equal(gold: str, pred: str) -> bool:
