@@ -139,3 +139,49 @@ def test_sft_step_with_a_poisoned_param_is_skipped() -> None:
     )
     assert_bit_equal(host(state), before)
     assert float(m["nonfinite_skipped"]) == 1.0 and float(m["update_skipped"]) == 1.0
+
+
+class Poison:
+    """Wraps an MFC implementation: its ``train`` sees ``field`` NaN in the rows ``rows``."""
+
+    def __init__(self, impl, field: str, rows):
+        self.impl, self.field, self.rows = impl, field, rows
+
+    def __getattr__(self, interface_type):
+        method = getattr(self.impl, interface_type)
+        if interface_type != "train":
+            return method
+
+        def call(ctx, mfc, data):
+            poisoned = [np.array(x, np.float32) for x in data[self.field]]
+            for i in self.rows(len(poisoned)):
+                poisoned[i][-1] = np.nan  # the last response token is always scored
+            return method(ctx, mfc, {**data, self.field: poisoned})
+
+        return call
+
+
+def test_ppo_step_reports_skipped_updates_per_role(tmp_path) -> None:
+    """Through the coordinator: every actor update poisoned -> ``actor/nonfinite_skipped`` 1
+    and the actor state bit-equal; one critic minibatch of two poisoned -> ``critic/...`` 0.5
+    (the epoch loop's mean over updates, so any skipped update shows as > 0)."""
+    from toy import toy_config
+
+    from jaxrlhf.system.coordinator import PPOCoordinator
+
+    cfg = toy_config(
+        tmp_path, "sft_warmup.steps=0", "experiment.total_steps=1", "data.batch_size=4",
+        "generation.n_samples=2", "algorithm.advantage_estimator=gae", "critic.enabled=true",
+        "ref.enabled=false", "algorithm.n_minibatches=2",
+    )  # fmt: skip
+    coordinator = PPOCoordinator(cfg)
+    impls = coordinator.impls
+    impls["actor_train"] = Poison(impls["actor_train"], "advantages", range)
+    impls["critic_train"] = Poison(impls["critic_train"], "returns", lambda n: [0])
+    actor_before = host(coordinator.models.actor)
+    critic_step = int(coordinator.models.critic.step)
+    metrics = coordinator.train_step()
+    assert metrics["actor/nonfinite_skipped"] == 1.0 and metrics["actor/update_skipped"] == 1.0
+    assert_bit_equal(host(coordinator.models.actor), actor_before)
+    assert metrics["critic/nonfinite_skipped"] == 0.5
+    assert int(coordinator.models.critic.step) == critic_step + 1  # the clean minibatch updated

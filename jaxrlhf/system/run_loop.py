@@ -3,19 +3,30 @@
 A `RunLoop` owns what every run has: the mesh, the tokenizer, the checkpointer, the logger, the
 step counter and the metric / eval history. `run` trains to ``experiment.total_steps``:
 evaluate before the first step and every ``experiment.eval_every`` steps (and at the last one),
-log each step, checkpoint as ``checkpoint.*`` says, stop early (after a save) when a ``STOP``
-file appears in the output directory, and export at the end. A subclass says what its state, a
-step, an evaluation and an export are; resume restores the state tree it names and the host
-side (step, history, data position) that this class writes.
+log each step, checkpoint as ``checkpoint.*`` says, and export at the end. A subclass says what
+its state, a step, an evaluation and an export are; resume restores the state tree it names and
+the host side (step, history, data position) that this class writes.
+
+Stopping early, never losing the run (`jaxrlhf.system.run_guards`):
+- a ``STOP`` file in the output directory: save, stop, export, return as a finished run does;
+- SIGINT / SIGTERM / SIGUSR1: finish the current step, save (whatever ``checkpoint.save_every``
+  says), flush the metrics and raise `RunStopped` (exit status 128 + the signal's number);
+- ``algorithm.max_bad_steps`` steps in a row with a non-finite metric or a skipped non-finite
+  update (``train/bad_steps`` counts them): raise `DivergedError` without saving;
+- a save whose state is not finite is refused (`DivergedError`): the latest checkpoint stays
+  the last good one.
 
 In a multi-process run every process runs the same loop; process 0 logs and decides when to
-save or stop, the others follow (`distributed.decide`).
+save or stop (a signal on any process stops them all), the others follow (`distributed.decide`).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,9 +36,13 @@ import jax
 from jaxrlhf.checkpoint import Checkpointer, HostState, Restored, abstract_like
 from jaxrlhf.config import Config, ConfigError, config_to_yaml, save_config
 from jaxrlhf.data.pipeline import load_tokenizer
-from jaxrlhf.logging import MetricsLogger, history_entry
+from jaxrlhf.errors import DivergedError, RunStopped
+from jaxrlhf.logging import MetricsLogger, history_entry, make_dir, to_host_scalars
 from jaxrlhf.models import MeshError, make_mesh
 from jaxrlhf.system import distributed
+from jaxrlhf.system.run_guards import BadSteps, StopSignals, nonfinite_leaves
+
+STOP_FILE = 1  # `_stop_reason` when the STOP file asks (signals give their number, > 1)
 
 
 class RunLoop(abc.ABC):
@@ -35,6 +50,9 @@ class RunLoop(abc.ABC):
 
     def __init__(self, cfg: Config, *, devices: list[jax.Device] | None = None) -> None:
         self.cfg = cfg
+        # First, so a path that cannot serve is one sentence naming its key, before any writer.
+        make_dir(cfg.experiment.output_dir, "experiment.output_dir")
+        make_dir(cfg.checkpoint.dir, "checkpoint.dir")
         try:
             self.mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
         except MeshError as e:
@@ -48,6 +66,7 @@ class RunLoop(abc.ABC):
 
     @functools.cached_property
     def checkpointer(self) -> Checkpointer:
+        self.bad_steps = BadSteps(cfg.algorithm.max_bad_steps)
         """Made on first use, once the subclass has built what may fail on bad input (orbax
         starts a background thread that a failed start-up would leave behind)."""
         return Checkpointer(self.cfg.checkpoint)
@@ -105,6 +124,7 @@ class RunLoop(abc.ABC):
 
     def start_logging(self, logger: MetricsLogger | None = None) -> MetricsLogger:
         """The run's logger, made once the start step is known (a resumed run appends)."""
+        self.bad_steps.load(extra.get("bad_steps"))  # a bad-step streak goes on across a resume
         self.logger = logger or MetricsLogger.from_config(
             self.cfg, start_step=self.step, is_main=distributed.is_main()
         )
@@ -125,22 +145,76 @@ class RunLoop(abc.ABC):
             data_state=self.data_state(),
             metric_history=self.history,
             config=config_to_yaml(self.cfg),
-            extra={"step": self.step, "eval_history": self.eval_history} | self.host_extra(),
-        )
+            extra={"step": self.step, "eval_history": self.eval_history,
+                   "bad_steps": self.bad_steps.state()} | self.host_extra(),
+        )  # fmt: skip
 
     def save(self, metrics: dict[str, Any] | None = None) -> None:
-        """Checkpoint this step (``metrics`` rank it for keep-best)."""
-        self.checkpointer.save(self.step, self.state_tree(), self.host_state(), metrics=metrics)
+        """Checkpoint this step (``metrics`` rank it for keep-best); a state holding NaN or inf
+        is refused (`DivergedError`), so the latest checkpoint stays the last good one."""
+        tree = self.state_tree()
+        bad = nonfinite_leaves(tree)
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise DivergedError(
+                f"training diverged: at step {self.step} the state is not finite ({bad[0]}{more} "
+                f"hold NaN or inf); no checkpoint written, {self._latest_text()}."
+            )
+        self.checkpointer.save(self.step, tree, self.host_state(), metrics=metrics)
 
-    def _stop_requested(self) -> bool:
-        """A ``STOP`` file in the output directory ends the run after a save; process 0 looks,
-        the others follow its decision."""
-        stop = Path(self.cfg.experiment.output_dir) / "STOP"
-        if not distributed.decide(stop.exists()):
-            return False
-        self.say(f"{stop} found: saving and stopping at step {self.step}")
+    def _latest_text(self) -> str:
+        latest = self.checkpointer.latest_step()
+        where = self.checkpointer.directory
+        return f"the latest stays step {latest} in {where}" if latest else f"none in {where}"
+
+    def _stop_reason(self, signals: StopSignals) -> int:
+        """0 to go on; `STOP_FILE` when process 0 finds a ``STOP`` file in the output directory;
+        a signal's number when any process received one (`StopSignals`)."""
+        local = int(signals.received or 0)
+        if not local and distributed.is_main():
+            local = STOP_FILE if (Path(self.cfg.experiment.output_dir) / "STOP").exists() else 0
+        return distributed.max_over_processes(local)
+
+    def _stop(self, reason: int) -> None:
+        """Save this step and stop: return for the ``STOP`` file, raise `RunStopped` (exit
+        status 128 + its number) for a signal."""
+        if reason == STOP_FILE:
+            stop = Path(self.cfg.experiment.output_dir) / "STOP"
+            self.say(f"{stop} found: saving and stopping at step {self.step}")
+            self.save()
+            return
         self.save()
-        return True
+        self.checkpointer.close()  # the save is on disk before the process ends
+        name = signal.Signals(reason).name
+        resume = (
+            "rerun the same command to resume"
+            if self.cfg.checkpoint.resume
+            else "rerun with checkpoint.resume=true to resume"
+        )
+        raise RunStopped(
+            f"jaxrlhf: stopped by {name} after step {self.step} of {self.total}; checkpoint "
+            f"saved in {self.checkpointer.directory}; {resume}.",
+            128 + reason,
+        )
+
+    def _check_step(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Count the step if bad (process 0, which fetches the metrics; `BadSteps`) and add the
+        streak as ``train/bad_steps``; after ``algorithm.max_bad_steps`` the run is stopped by
+        `_diverge` once the step is logged. Returns the metrics (host values on process 0)."""
+        if not distributed.is_main():
+            return metrics
+        host = to_host_scalars(metrics)
+        host["train/bad_steps"] = self.bad_steps.update(self.step, host)
+        return host
+
+    def _diverge(self) -> None:
+        # Process 0 counted (it fetches the metrics); the others only follow its decision.
+        first = self.bad_steps.describe() if distributed.is_main() else "process 0's first"
+        raise DivergedError(
+            f"training diverged: {self.bad_steps.limit} steps in a row with non-finite values "
+            f"(algorithm.max_bad_steps={self.bad_steps.limit}), the first at {first}; stopped "
+            f"at step {self.step} without saving, {self._latest_text()}."
+        )
 
     # ----------------------------------------------------------------------- loop
 
@@ -156,6 +230,32 @@ class RunLoop(abc.ABC):
         steps run, wall seconds and the export path (None without an export)."""
         cfg = self.cfg
         if self.logger is None:
+    def _one_step(self) -> None:
+        """Train, evaluate when due, log, stop on divergence, save when due."""
+        metrics = self.train_step()
+        every = self.cfg.experiment.eval_every
+        if (every and self.step % every == 0) or self.step == self.total:
+            metrics |= self._evaluate_into_history()
+        metrics = self._check_step(metrics)
+        logged = self.logger.log(self.step, metrics)
+        self.history.append(history_entry(logged))
+        if distributed.decide(self.bad_steps.exhausted):
+            self._diverge()
+        if distributed.decide(self.checkpointer.should_save(self.step, self.total)):
+            ranked = {k: float(v) for k, v in metrics.items() if k.startswith("eval/")}
+            self.save(ranked or None)
+
+    def _close_checkpointer(self) -> None:
+        """Wait for the pending save and stop orbax's threads (when a checkpointer was made);
+        while another error propagates, a failure here does not hide it."""
+        if "checkpointer" not in self.__dict__:
+            return
+        if sys.exc_info()[0] is None:
+            self.checkpointer.close()
+        else:
+            with contextlib.suppress(Exception):
+                self.checkpointer.close()
+
             self.start_logging()
         if distributed.is_main():
             save_config(cfg, f"{cfg.experiment.output_dir}/config.yaml")
@@ -164,17 +264,16 @@ class RunLoop(abc.ABC):
             before = self._evaluate_into_history()
             if before:
                 self.logger.log(self.step, before)
-        while self.step < self.total and not self._stop_requested():
-            metrics = self.train_step()
-            every = cfg.experiment.eval_every
-            if (every and self.step % every == 0) or self.step == self.total:
-                metrics |= self._evaluate_into_history()
-            logged = self.logger.log(self.step, metrics)
-            self.history.append(history_entry(logged))
-            if distributed.decide(self.checkpointer.should_save(self.step, self.total)):
-                ranked = {k: float(v) for k, v in metrics.items() if k.startswith("eval/")}
-                self.save(ranked or None)
-        self.checkpointer.close()
+        try:
+            with StopSignals(announce=distributed.is_main()) as signals:
+                while self.step < self.total:
+                    reason = self._stop_reason(signals)
+                    if reason:
+                        self._stop(reason)
+                        break
+                    self._one_step()
+        finally:
+            self._close_checkpointer()
         path = self.export()
         if path is not None:
             self.say(f"exported {path}")
