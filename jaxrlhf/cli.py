@@ -16,7 +16,7 @@ import yaml
 
 from jaxrlhf.config import Config, load_config
 from jaxrlhf.config.validation import REGISTRY_FIELDS, _group_class, _hints, _is_union
-from jaxrlhf.errors import USER_ERRORS, ConfigError, DataError
+from jaxrlhf.errors import USER_ERRORS, ConfigError, DataError, RunStopped
 
 __all__ = ["config_help", "main_guard", "parse_cli"]
 
@@ -143,10 +143,21 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+# Exit statuses of a launcher: 0 done (or stopped by a STOP file, after a save); 1 a bug (a
+# traceback); 2 bad user input; 3 training diverged (`DivergedError`, nothing saved from the bad
+# state); 75 a peer process died (`distributed.EXIT_PEER_LOST`); 128 + N stopped by signal N
+# after a save (130 SIGINT, 138 SIGUSR1, 143 SIGTERM: the shell's code for "ended by signal N",
+# so a scheduler sees an unfinished run); 130 also for Ctrl-C outside the training loop (no
+# save); a second Ctrl-C ends the process by SIGINT at once (the shell shows 130).
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
 def main_guard(fn: Callable[P, R]) -> Callable[P, R]:
     """Decorate a launcher's ``main``: a ConfigError (or an unknown registry name picked in the
     config) or a bad dataset (`DataError`) becomes one line on stderr and exit code 2, never a
-    traceback."""
+    traceback; a run that stopped early (`RunStopped`: a signal, divergence) prints its one line
+    and exits with its code; Ctrl-C outside the training loop exits 130 without a traceback."""
 
     @functools.wraps(fn)
     def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -156,6 +167,16 @@ def main_guard(fn: Callable[P, R]) -> Callable[P, R]:
             kind = "data" if isinstance(err, DataError) else "config"
             message = " ".join(str(err).split())
             print(f"{kind} error: {message}", file=sys.stderr)
-            raise SystemExit(2) from None
+            raise SystemExit(EXIT_USER_ERROR) from None
+        except RunStopped as err:
+            print(" ".join(str(err).split()), file=sys.stderr)
+            raise SystemExit(err.exit_code) from None
+        except KeyboardInterrupt:
+            print(
+                "jaxrlhf: interrupted (SIGINT); stopped without saving (checkpoints already "
+                "written are kept).",
+                file=sys.stderr,
+            )
+            raise SystemExit(EXIT_INTERRUPTED) from None
 
     return guarded

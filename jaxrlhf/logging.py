@@ -27,9 +27,12 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -47,6 +50,7 @@ __all__ = [
     "eval_summary_line",
     "format_eval_table",
     "format_step_line",
+    "make_dir",
     "plot_metrics",
     "read_metrics",
     "setup_python_logging",
@@ -202,14 +206,46 @@ class MFCTimer:
         return out
 
 
+# ----------------------------------------------------------------------------- directories
+
+
+def make_dir(path: str | Path, key: str) -> Path:
+    """Create directory ``path`` (the value of config key ``key``) and check that files can be
+    written in it; a path that cannot serve is a one-sentence `ConfigError` naming the key."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # /proc, a read-only mount: mkdir alone passes
+            pass
+    except OSError as e:
+        blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            why = f"{str(blocker)!r} is a file, not a directory"
+        else:
+            why = e.strerror or type(e).__name__
+            if e.filename is not None and Path(e.filename) != path:
+                why = f"{why}: {e.filename!r}"
+        raise ConfigError(
+            f"{key}={str(path)!r} cannot be created or written ({why}); choose a writable path."
+        ) from None
+    return path
+
+
 # ----------------------------------------------------------------------------- sinks
 
 
 class _JsonlSink:
-    """One JSON object per logged step, flushed at once (non-finite values become null)."""
+    """One JSON object per logged step, flushed at once (non-finite values become null).
 
-    def __init__(self, path: Path, append: bool) -> None:
+    ``append``: a resumed run keeps the records up to ``start_step`` (the restored step) and
+    drops later ones, which a run killed after logging them but before their checkpoint left
+    behind and the resumed run writes again, so each step is in the file once.
+    """
+
+    def __init__(self, path: Path, append: bool, start_step: int = 0) -> None:
         self.path = path
+        if append and path.exists():
+            _keep_records_through(path, start_step)
         self._file = path.open("a" if append else "w", encoding="utf-8")
 
     def write(self, step: int, metrics: Mapping[str, float | int], wall_s: float) -> None:
@@ -222,11 +258,34 @@ class _JsonlSink:
         self._file.close()
 
 
+def _keep_records_through(path: Path, last_step: int) -> None:
+    """Rewrite JSONL ``path`` without the records past ``last_step`` (and any line cut short by
+    a kill mid-write); atomic, and the file is left alone when nothing is dropped."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if step <= last_step and line.endswith("\n"):
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 class _TensorBoardSink:
-    def __init__(self, logdir: Path, run_config: Mapping[str, Any] | None) -> None:
+    def __init__(
+        self, logdir: Path, run_config: Mapping[str, Any] | None, purge_step: int | None = None
+    ) -> None:
         from tensorboardX import SummaryWriter  # optional dependency; checked by the caller
 
-        self._writer = SummaryWriter(logdir=str(logdir))
+        # purge_step: TensorBoard hides the events a killed run wrote past the restored step.
+        self._writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step)
         if run_config is not None:
             text = json.dumps(run_config, indent=2, default=str)
             self._writer.add_text("config", f"```\n{text}\n```", 0)
@@ -248,6 +307,7 @@ class _WandbSink:
         directory: Path,
         run_config: Mapping[str, Any] | None,
         mode: str | None,
+        resume: bool = False,
     ) -> None:
         try:
             import wandb
@@ -256,10 +316,20 @@ class _WandbSink:
                 "logging.wandb is true but the wandb package is not installed; "
                 "run 'pip install wandb' or set logging.wandb=false"
             ) from None
+        # A resumed run continues the W&B run of its output directory (the id kept in
+        # WANDB_ID_FILE); W&B ignores re-logged steps at or below its last one, which a
+        # deterministic resume recomputes identically.
+        id_file = directory / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+        if run_id is None:
+            run_id = uuid.uuid4().hex[:12]
+            id_file.write_text(run_id + "\n")
         # mode None: wandb's default, which honours WANDB_MODE (offline needs no network).
         self._run = wandb.init(
             project=project,
             name=name,
+            id=run_id,
+            resume="allow",
             dir=str(directory),
             config=dict(run_config) if run_config is not None else None,
             mode=mode,
@@ -271,6 +341,9 @@ class _WandbSink:
 
     def close(self) -> None:
         self._run.finish()
+
+
+WANDB_ID_FILE = "wandb_run_id"  # in the output directory: the W&B run a resumed run continues
 
 
 def _tensorboard_available() -> bool:
@@ -290,8 +363,10 @@ class MetricsLogger:
     Per logged step (every ``cfg.log_every`` steps, and the last): a console line, a JSONL
     record in ``<output_dir>/metrics.jsonl``, TensorBoard scalars under
     ``<output_dir>/tensorboard`` (when ``cfg.tensorboard`` and tensorboardX is installed) and a
-    W&B log (when ``cfg.wandb``; ``wandb_mode`` overrides ``WANDB_MODE``). ``resume`` appends to
-    an existing JSONL file instead of starting a new one.
+    W&B log (when ``cfg.wandb``; ``wandb_mode`` overrides ``WANDB_MODE``). ``resume`` (a run
+    restored at ``start_step``) continues the history: the JSONL file is appended to after
+    dropping its records past ``start_step``, TensorBoard purges its events past it, and W&B
+    resumes the output directory's run.
     """
 
     def __init__(
@@ -322,15 +397,18 @@ class MetricsLogger:
         self._wandb: _WandbSink | None = None
         if not is_main:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.output_dir, "experiment.output_dir")
         if cfg.wandb:  # first: the one sink that can refuse to start (not installed)
             project = cfg.wandb_project or "jaxrlhf"
-            self._wandb = _WandbSink(project, run_name, self.output_dir, run_config, wandb_mode)
+            self._wandb = _WandbSink(
+                project, run_name, self.output_dir, run_config, wandb_mode, resume=resume
+            )
         if cfg.jsonl:
-            self._jsonl = _JsonlSink(self.jsonl_path, append=resume)
+            self._jsonl = _JsonlSink(self.jsonl_path, append=resume, start_step=start_step)
         if cfg.tensorboard:
             if _tensorboard_available():
-                self._tb = _TensorBoardSink(self.output_dir / "tensorboard", run_config)
+                purge = start_step + 1 if resume else None
+                self._tb = _TensorBoardSink(self.output_dir / "tensorboard", run_config, purge)
             else:
                 log.warning("logging.tensorboard is on but tensorboardX is not installed; skipped")
         if cfg.progress:

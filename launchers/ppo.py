@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _run(cfg) -> dict:
     from jaxrlhf.config import config_to_yaml
+    from jaxrlhf.errors import RunStopped
     from jaxrlhf.logging import eval_summary_line, format_eval_table, plot_metrics
     from jaxrlhf.system import distributed
     from jaxrlhf.system.coordinator import PPOCoordinator
@@ -43,11 +44,18 @@ def _run(cfg) -> dict:
         print(config_to_yaml(cfg))
     # experiment.mode: async overlaps generation and training (docs/async.md)
     coordinator = PPOCoordinator(cfg)
+    # The plot is drawn from the whole metrics file: a resumed run's history included.
+    plot = lambda: plot_metrics(logger.jsonl_path, f"{cfg.experiment.output_dir}/metrics.png")
     with coordinator.logger as logger:
-        summary = coordinator.run()
+        try:
+            summary = coordinator.run()
+        except RunStopped:  # a signal or divergence (one line, main_guard): plot the run so far
+            if distributed.is_main() and logger.jsonl_path.exists():
+                plot()
+            raise
     if not distributed.is_main():  # process 0 reports; the others only compute
         return summary
-    png = plot_metrics(logger.jsonl_path, f"{cfg.experiment.output_dir}/metrics.png")
+    png = plot()
     shown = lambda ev: {k: v for k, v in ev.items() if k in ("eval/reward", "eval/response_len")}
     before, after = summary["before"], summary["after"]
     print(format_eval_table(shown(before), shown(after)))

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import re
+import struct
 import sys
 import time
 from pathlib import Path
@@ -154,6 +155,100 @@ def test_log_every_non_finite_and_resume(tmp_path: Path) -> None:
     ]
 
 
+def test_resume_keeps_history_through_repeated_resumes(tmp_path: Path) -> None:
+    """Each resume appends after dropping the records past the restored step (a run killed after
+    logging them but before their checkpoint), and a line cut short by the kill; after any
+    number of resumes every step is in the file exactly once, with the values last written."""
+    expected: dict[int, float] = {}
+
+    def leg(start: int, stop: int, value: float, *, cut: bool = False) -> None:
+        logger, _ = make_logger(tmp_path, total=10, resume=start > 0, start_step=start)
+        for step in range(start + 1, stop + 1):
+            logger.log(step, {"reward/mean": value + step})
+            expected[step] = value + step
+        logger.close()
+        if cut:  # a kill in the middle of writing a record
+            with logger.jsonl_path.open("a") as f:
+                f.write('{"step": 99, "rew')
+
+    leg(0, 6, 0.0, cut=True)  # checkpoint at 4; steps 5, 6 and half a record are past it
+    leg(4, 8, 100.0)  # checkpoint at 8
+    leg(8, 8, 200.0)  # resumed at the last checkpoint, nothing new: the file is kept as it is
+    leg(8, 10, 300.0)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line whole JSON again
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert {r["step"]: r["reward/mean"] for r in records} == expected
+    assert expected[5] == 105.0 and expected[9] == 309.0  # re-run steps: the resumed values
+
+
+def test_fresh_run_starts_a_new_file(tmp_path: Path) -> None:
+    logger, _ = make_logger(tmp_path, total=3)
+    logger.log(1, {"reward/mean": 1.0})
+    logger.close()
+    again, _ = make_logger(tmp_path, total=3)  # no resume: a new run in the same directory
+    again.log(1, {"reward/mean": 2.0})
+    again.close()
+    assert [r["reward/mean"] for r in read_metrics(again.jsonl_path)] == [2.0]
+
+
+def test_output_dir_that_cannot_serve_is_one_sentence(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    cases = {
+        tmp_path / "afile" / "run": f"{str(tmp_path / 'afile')!r} is a file, not a directory",
+        tmp_path / "afile": f"{str(tmp_path / 'afile')!r} is a file, not a directory",
+        Path("/proc/jaxrlhf_run"): "No such file or directory",
+    }
+    for path, why in cases.items():
+        with pytest.raises(ConfigError) as info:
+            MetricsLogger(quiet(), path, 3)
+        assert str(info.value) == (
+            f"experiment.output_dir={str(path)!r} cannot be created or written ({why}); "
+            "choose a writable path."
+        )
+    assert jlog.make_dir(tmp_path / "a" / "b", "checkpoint.dir").is_dir()
+
+
+def _tfrecords(path: Path) -> list[bytes]:
+    """The records of a TFRecord file (length, its CRC, data, the data's CRC)."""
+    data, out, i = path.read_bytes(), [], 0
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i : i + 8])
+        out.append(data[i + 12 : i + 12 + n])
+        i += 12 + n + 4
+    return out
+
+
+def test_tensorboard_resume_purges_steps_past_the_restored_one(tmp_path: Path) -> None:
+    """The resumed writer starts with a SessionLog START at the first re-run step: TensorBoard
+    then drops the events a killed run wrote at or past it."""
+    pytest.importorskip("tensorboardX")
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    cfg = quiet(tensorboard=True)
+    first, _ = make_logger(tmp_path, total=6, cfg=cfg)
+    for step in range(1, 7):
+        first.log(step, {"reward/mean": float(step)})
+    first.close()
+    time.sleep(1.1)  # event file names carry the second they were opened in
+    resumed, _ = make_logger(tmp_path, total=6, cfg=cfg, resume=True, start_step=4)
+    for step in (5, 6):
+        resumed.log(step, {"reward/mean": 10.0 * step})
+    resumed.close()
+    files = sorted((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 2
+
+    def events(path: Path) -> list[Event]:
+        return [Event.FromString(r) for r in _tfrecords(path)]
+
+    starts = [(e.step, e.session_log.status) for f in files for e in events(f)
+              if e.HasField("session_log")]  # fmt: skip
+    assert starts == [(5, SessionLog.START)]
+    scalars = [(e.step, v.simple_value) for e in events(files[1]) for v in e.summary.value
+               if v.tag == "reward/mean"]  # fmt: skip
+    assert scalars == [(5, 50.0), (6, 60.0)]
+
+
 def test_non_main_process_writes_nothing(tmp_path: Path) -> None:
     logger, out = make_logger(tmp_path, is_main=False)
     assert logger.log(1, {"reward/mean": 1.0}) == {}
@@ -242,6 +337,16 @@ def test_wandb_offline_run_creates_files(tmp_path: Path, monkeypatch: pytest.Mon
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("run-*.wandb"))
+    # A resumed run continues the W&B run of its output directory; a fresh one starts another.
+    run_id = (tmp_path / "run" / jlog.WANDB_ID_FILE).read_text().strip()
+    assert runs[0].name.endswith(f"-{run_id}")
+    cfg = quiet(wandb=True, wandb_project="t")
+    resumed, _ = make_logger(tmp_path, cfg=cfg, resume=True, start_step=1)
+    assert resumed._wandb._run.id == run_id
+    resumed.close()
+    fresh, _ = make_logger(tmp_path, cfg=cfg)
+    assert fresh._wandb._run.id != run_id
+    fresh.close()
 
 
 def test_wandb_enabled_but_missing_is_a_clear_error(

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from jaxrlhf.config import ConfigError, DistributedConfig
-from jaxrlhf.errors import USER_ERRORS
+from jaxrlhf.errors import USER_ERRORS, RunStopped
 
 T = TypeVar("T")
 
@@ -127,6 +127,15 @@ def decide(value: T) -> T:
     return type(value)(out.item())
 
 
+def max_over_processes(value: int) -> int:
+    """The largest of every process's ``value`` (e.g. a stop request any one of them received)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+
+
 def broadcast_json(value: Any, name: str, timeout_s: float = 600.0) -> Any:
     """Process 0's JSON-serialisable ``value`` on every process, through the key-value store.
 
@@ -174,14 +183,15 @@ def finish() -> None:
 def guarded(fn: Callable[[], T]) -> T:
     """Run ``fn`` and handle its failure in a multi-process run.
 
-    A config or data error is the same on every process: re-raised at once (one line, exit 2). Any
-    other exception may be the symptom of a dead peer (a failed collective), so the watchdog
-    first gets its timeout to name one; then the traceback is printed and the process exits 1
-    without JAX's shutdown barrier, which would wait for peers that are blocked on this one.
+    A config or data error, or a stop every process decided together (`RunStopped`), is the same
+    on every process: re-raised at once (one line, its exit code). Any other exception may be the
+    symptom of a dead peer (a failed collective), so the watchdog first gets its timeout to name
+    one; then the traceback is printed and the process exits 1 without JAX's shutdown barrier,
+    which would wait for peers that are blocked on this one.
     """
     try:
         return fn()
-    except (*USER_ERRORS, KeyboardInterrupt):
+    except (*USER_ERRORS, RunStopped, KeyboardInterrupt):
         raise
     except Exception:
         heartbeat = _state["heartbeat"]

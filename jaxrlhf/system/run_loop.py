@@ -63,10 +63,10 @@ class RunLoop(abc.ABC):
         self.history: list[dict[str, Any]] = []
         self.eval_history: list[dict[str, Any]] = []
         self.logger: MetricsLogger | None = None
+        self.bad_steps = BadSteps(cfg.algorithm.max_bad_steps)
 
     @functools.cached_property
     def checkpointer(self) -> Checkpointer:
-        self.bad_steps = BadSteps(cfg.algorithm.max_bad_steps)
         """Made on first use, once the subclass has built what may fail on bad input (orbax
         starts a background thread that a failed start-up would leave behind)."""
         return Checkpointer(self.cfg.checkpoint)
@@ -119,12 +119,12 @@ class RunLoop(abc.ABC):
         self.step = int(extra["step"])
         self.history = list(restored.host.metric_history)
         self.eval_history = list(extra.get("eval_history", []))
+        self.bad_steps.load(extra.get("bad_steps"))  # a bad-step streak goes on across a resume
         self.say(f"resumed from step {restored.step} in {self.checkpointer.directory}")
         return restored
 
     def start_logging(self, logger: MetricsLogger | None = None) -> MetricsLogger:
         """The run's logger, made once the start step is known (a resumed run appends)."""
-        self.bad_steps.load(extra.get("bad_steps"))  # a bad-step streak goes on across a resume
         self.logger = logger or MetricsLogger.from_config(
             self.cfg, start_step=self.step, is_main=distributed.is_main()
         )
@@ -225,11 +225,6 @@ class RunLoop(abc.ABC):
         self.eval_history.append(ev | {"step": self.step})
         return ev
 
-    def run(self) -> dict[str, Any]:
-        """Train to ``experiment.total_steps``; returns the eval metrics before and after, the
-        steps run, wall seconds and the export path (None without an export)."""
-        cfg = self.cfg
-        if self.logger is None:
     def _one_step(self) -> None:
         """Train, evaluate when due, log, stop on divergence, save when due."""
         metrics = self.train_step()
@@ -256,6 +251,11 @@ class RunLoop(abc.ABC):
             with contextlib.suppress(Exception):
                 self.checkpointer.close()
 
+    def run(self) -> dict[str, Any]:
+        """Train to ``experiment.total_steps``; returns the eval metrics before and after, the
+        steps run, wall seconds and the export path (None without an export)."""
+        cfg = self.cfg
+        if self.logger is None:
             self.start_logging()
         if distributed.is_main():
             save_config(cfg, f"{cfg.experiment.output_dir}/config.yaml")
