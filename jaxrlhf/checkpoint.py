@@ -21,41 +21,77 @@ thread, so the caller may donate or overwrite the device buffers right away.
     ckpt.close()                                                 # waits for the last write
 
 All processes of a multi-process run make the same calls (orbax coordinates them).
+
+What goes wrong, and what `restore` and `save` do about it:
+
+- **A damaged step** (a truncated or overwritten array file, a missing ``state/_METADATA``, an
+  unreadable host JSON): `restore` tries it — reading it back is the check — and falls back to
+  the newest step that reads; each step skipped is one line (``report``), and is moved to
+  ``<dir>/damaged/<step>`` for inspection (never deleted) so that the run can save that step
+  again. No intact step at all is `CheckpointIOError`, naming the newest step's problem.
+- **A config that does not fit** (`state_settings` differ: the model architecture, the actor,
+  critic or reference paths, whether a critic or a reference is kept; or arrays whose shapes
+  or names differ from ``target``'s): `ConfigError` listing the keys, before any array is read.
+  Other differences (learning rate, steps, logging, mesh: orbax reshards) are one line of note.
+- **A write that fails** (a full disk during an asynchronous save): `CheckpointIOError` at the
+  next `save`, `wait` or `close`; the step was never committed, so the previous one remains
+  the latest, and its partial temporary directory is removed on the next start.
+
+Damage that only one process of a multi-process run sees (its own shard files) is not agreed
+on: that process fails while the others wait in orbax's restore barrier until its timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import yaml
+from jax.experimental import multihost_utils
 from jax.sharding import Sharding
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jaxrlhf.config import CheckpointConfig
+from jaxrlhf.config import CheckpointConfig, Config, ConfigError, config_to_yaml
+from jaxrlhf.errors import DataError
 
 __all__ = [
+    "CheckpointIOError",
     "CheckpointNotFoundError",
     "Checkpointer",
     "HostState",
     "Restored",
     "abstract_like",
+    "state_settings",
 ]
 
 logger = logging.getLogger(__name__)
 
 PyTree = Any
 HOST_FORMAT = 1
+DAMAGED_DIR = "damaged"  # under the checkpoint directory; not a step name orbax would list
 
 
 class CheckpointNotFoundError(FileNotFoundError):
     """No complete checkpoint where one was asked for."""
+
+
+class CheckpointIOError(DataError):
+    """A train checkpoint that cannot be read back (no intact step) or written (a full disk);
+    the message is one sentence for the user."""
+
+
+class _Damaged(Exception):
+    """A step that cannot be read back; the message is the reason (internal to `restore`)."""
 
 
 @dataclasses.dataclass
@@ -104,6 +140,141 @@ def abstract_like(tree: PyTree, shardings: PyTree | Sharding | None = None) -> P
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
+
+
+# ----------------------------------------------------------------------------- config vs checkpoint
+
+# Model fields that fix the shapes or the function of the parameters; they count only while the
+# model is built from scratch (with a path, the path's config.json gives the architecture).
+_ARCH_FIELDS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+    "num_kv_heads", "head_dim", "tie_word_embeddings", "rope_theta", "rope_scaling",
+    "rms_norm_eps",
+)  # fmt: skip
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A YAML-shaped config as ``{dotted.key: value}``."""
+    if not isinstance(tree, Mapping) or not tree:
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out |= _flat(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+def state_settings(cfg: Config) -> dict[str, Any]:
+    """The settings a checkpoint's state depends on, by dotted key: a run resumes only with the
+    same values. ``critic.enabled`` / ``ref.enabled`` are the effective values (a critic is
+    also on when the advantage estimator needs values, a reference when ``algorithm.kl_coef``
+    > 0); a model's path and, from scratch, its architecture; a critic's or reference's path
+    only while it is kept."""
+    flat = _flat(yaml.safe_load(config_to_yaml(cfg)))
+    keys = ["actor.path"]
+    if cfg.actor.path is None:
+        keys += [f"actor.{f}" for f in _ARCH_FIELDS]
+    for role, used in (("critic", cfg.use_critic), ("ref", cfg.use_ref)):
+        keys += [f"{role}.enabled"] + ([f"{role}.path"] if used else [])
+    out = {k: v for k, v in flat.items() if k in keys or k.startswith("actor.rope_scaling.")}
+    return out | {"critic.enabled": cfg.use_critic, "ref.enabled": cfg.use_ref}
+
+
+def _show(value: Any) -> str:
+    return (
+        "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    )
+
+
+def _config_changes(saved_yaml: str, cfg: Config) -> tuple[dict[str, tuple[Any, Any]], list[str]]:
+    """(``state_settings`` that differ: key -> (saved, new), other keys that differ)."""
+    from jaxrlhf.config import config_from_dict
+
+    saved_raw = yaml.safe_load(saved_yaml)
+    others = _flat(yaml.safe_load(config_to_yaml(cfg)))
+    saved_flat = _flat(saved_raw)
+    try:
+        saved = state_settings(config_from_dict(saved_raw))
+    except (ConfigError, TypeError, ValueError):  # an older schema: compare what both have
+        saved = {k: v for k, v in saved_flat.items() if k in state_settings(cfg)}
+    new = state_settings(cfg)
+    blocking = {k: (saved[k], new[k]) for k in saved.keys() & new.keys() if saved[k] != new[k]}
+    blocking = dict(sorted(blocking.items()))
+    rest = sorted(
+        k
+        for k in saved_flat.keys() | others.keys()
+        if saved_flat.get(k) != others.get(k) and k not in new and k not in saved
+    )
+    return blocking, rest
+
+
+def _named_shapes(tree: PyTree) -> dict[str, tuple[int, ...] | None]:
+    """Saved-name ("actor.params.embed") -> the shape on disk of every array in ``tree`` (an
+    abstract target or orbax's metadata tree); a typed PRNG key is stored as its key data."""
+
+    def shape(x: Any) -> tuple[int, ...] | None:
+        dtype = getattr(x, "dtype", None)
+        if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            return tuple(jax.eval_shape(jax.random.key_data, x).shape)
+        s = getattr(x, "shape", None)
+        return None if s is None else tuple(s)
+
+    flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=True), sep=".")
+    return {name: shape(x) for name, x in flat.items() if x is not None}
+
+
+def _tree_differences(saved: PyTree, target: PyTree, limit: int = 3) -> list[str]:
+    """How ``target``'s arrays differ from the saved ones (names, shapes), at most ``limit``."""
+    a, b = _named_shapes(saved), _named_shapes(target)
+    out = [f"{n}: only in the checkpoint" for n in sorted(a.keys() - b.keys())]
+    out += [f"{n}: not in the checkpoint" for n in sorted(b.keys() - a.keys())]
+    out += [
+        f"{n}: saved {list(a[n])}, here {list(b[n])}"
+        for n in sorted(a.keys() & b.keys())
+        if a[n] is not None and b[n] is not None and a[n] != b[n]
+    ]
+    return out[:limit] + ([f"{len(out) - limit} more"] if len(out) > limit else [])
+
+
+# ----------------------------------------------------------------------------- error text
+
+
+def _chain(err: BaseException | None) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while err is not None and all(err is not e for e in seen):
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    return seen
+
+
+def _os_error_text(err: BaseException | None) -> str | None:
+    """The operating-system error in ``err``'s chain ("No space left on device"), or None;
+    TensorStore reports its own as ``[os_error_code='28']`` inside a ValueError."""
+    for e in _chain(err):
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.strerror or os.strerror(e.errno)
+        if m := re.search(r"os_error_code='(\d+)'", str(e)):
+            return os.strerror(int(m.group(1)))
+    return None
+
+
+def _reason(err: BaseException, limit: int = 240) -> str:
+    """The innermost cause of ``err`` as one short line (TensorStore's spec dump left out)."""
+    inner = _chain(err)[-1]
+    text = " ".join(str(inner).split("See full TensorStore details")[0].split())
+    text = re.sub(r" ?\[tensorstore_spec=.*$", "", text) or type(inner).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _QuietWriteErrors(logging.Filter):
+    """Drops orbax's background-thread tracebacks of a failed write (a full disk): the error
+    reaches the caller at the next save / wait / close as one `CheckpointIOError` sentence."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        return _os_error_text(err) is None and "os_error_code=" not in record.getMessage()
+
+
+_QUIET = _QuietWriteErrors()
 
 
 class Checkpointer:
@@ -155,6 +326,8 @@ class Checkpointer:
             create=True,
         )
         self.keep_best_metric = metric
+        self._pending: int | None = None  # the step an asynchronous save is still writing
+        logging.getLogger("absl").addFilter(_QUIET)  # orbax logs through absl
         self._mgr = ocp.CheckpointManager(
             self.directory, item_names=("state", "host"), options=options
         )
@@ -193,6 +366,7 @@ class Checkpointer:
         Returns once the arrays are on the host; the write finishes in the background (the
         next `save`, `wait` or `close` waits for it). ``metrics`` ranks steps for keep-best.
         """
+        self.wait()  # a failed previous write surfaces here, naming its own step
         if step in self._mgr.all_steps():
             return False
         host = host or HostState()
@@ -201,29 +375,37 @@ class Checkpointer:
         if metrics is not None and self.keep_best_metric in metrics:
             value = float(metrics[self.keep_best_metric])
             best = {self.keep_best_metric: value} if math.isfinite(value) else None
-        saved = self._mgr.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(doc)
-            ),
-            metrics=best,
-            force=True,
-        )
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(doc))
+        with self._write_errors(step):
+            saved = self._mgr.save(step, args=args, metrics=best, force=True)
+        self._pending = step if saved else None
         if saved:
             logger.info("checkpoint: saving step %d to %s", step, self.directory)
         return bool(saved)
 
-    def restore(self, target: PyTree | None = None, *, step: int | None = None) -> Restored:
-        """Read ``step`` (default: the latest complete one) into ``target``'s structure.
+    def restore(
+        self,
+        target: PyTree | None = None,
+        *,
+        step: int | None = None,
+        config: Config | None = None,
+        report: Callable[[str], None] | None = None,
+    ) -> Restored:
+        """Read ``step`` (default: the newest intact one) into ``target``'s structure.
 
         ``target``: abstract or concrete arrays (see `abstract_like`); restored arrays get its
         shardings, which may differ from the saved ones (another mesh, one device). With None,
-        the saved structure comes back as nested dicts of arrays.
+        the saved structure comes back as nested dicts of arrays. ``config``: the run's config,
+        compared with the one the step was saved with (`ConfigError` when they do not fit).
+        Without ``step``, a damaged step is skipped for the one before it and moved aside;
+        ``report`` (default: a warning log) gets one line per step skipped and per note.
         """
-        step = self.latest_step() if step is None else step
-        if step is None or step not in self._mgr.all_steps():
-            what = "no complete checkpoint" if step is None else f"no complete step {step}"
-            raise CheckpointNotFoundError(f"{what} in {self.directory}.")
+        report = report or logger.warning
+        steps = self.all_steps()
+        if step is not None and step not in steps:
+            raise CheckpointNotFoundError(f"no complete step {step} in {self.directory}.")
+        if not steps:
+            raise CheckpointNotFoundError(f"no complete checkpoint in {self.directory}.")
         if target is not None:
             target = jax.tree.map(
                 lambda x: (
@@ -233,22 +415,115 @@ class Checkpointer:
                 ),
                 target,
             )
-        state_args = ocp.args.StandardRestore(target)
-        out = self._mgr.restore(
-            step, args=ocp.args.Composite(state=state_args, host=ocp.args.JsonRestore())
+        damaged: dict[int, str] = {}
+        for candidate in [step] if step is not None else reversed(steps):
+            try:
+                restored = self._restore_step(candidate, target, config, report)
+            except _Damaged as why:
+                damaged[candidate] = str(why)
+                continue
+            for s, moved in self._set_aside(sorted(damaged)).items():
+                report(
+                    f"checkpoint step {s} in {self.directory} is damaged ({damaged[s]}): "
+                    f"skipped, and moved to {moved}"
+                )
+            return restored
+        newest = max(damaged)
+        older = f" (so are the {len(damaged) - 1} older steps)" if len(damaged) > 1 else ""
+        raise CheckpointIOError(
+            f"checkpoint step {newest} in {self.directory} is damaged: {damaged[newest]}{older}; "
+            "repair or remove it, or set checkpoint.resume=false."
         )
-        doc = dict(out["host"])
-        if doc.pop("format", None) != HOST_FORMAT or doc.pop("step", None) != step:
-            raise CheckpointNotFoundError(
-                f"step {step} in {self.directory} has no valid host item."
-            )
-        return Restored(step=step, state=out["state"], host=HostState(**doc))
 
-    def maybe_restore(self, target: PyTree | None = None) -> Restored | None:
-        """The latest complete checkpoint if ``cfg.resume`` is on and one exists, else None."""
+    def _restore_step(
+        self,
+        step: int,
+        target: PyTree | None,
+        config: Config | None,
+        report: Callable[[str], None],
+    ) -> Restored:
+        """One step, checked in the order that names the real problem: the host JSON, the
+        config it holds against ``config``, the array metadata against ``target``, then the
+        arrays themselves (reading them back is the check). Raises `_Damaged` with the reason,
+        or `ConfigError` when the step is intact but does not fit."""
+        where = f"checkpoint step {step} in {self.directory}"
+        try:
+            doc = dict(
+                self._mgr.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))[
+                    "host"
+                ]
+            )
+        except Exception as err:
+            raise _Damaged(f"host/ is unreadable: {_reason(err)}") from None
+        if doc.pop("format", None) != HOST_FORMAT or doc.pop("step", None) != step:
+            raise _Damaged(f"host/ is not a jaxrlhf host state of step {step}")
+        try:
+            host = HostState(**doc)
+        except TypeError as err:
+            raise _Damaged(f"host/ is not a jaxrlhf host state: {err}") from None
+        notes: list[str] = []
+        if config is not None and host.config is not None:
+            changed, others = _config_changes(host.config, config)
+            if changed:
+                was = ", ".join(f"{k}={_show(old)}" for k, (old, _) in changed.items())
+                now = ", ".join(_show(new) for _, new in changed.values())
+                raise ConfigError(
+                    f"{where} was saved with {was}; this config has {now}: resume with the "
+                    "same model or set checkpoint.resume=false."
+                )
+            notes = others
+        state_dir = self.directory / str(step) / "state"
+        if not (state_dir / "_METADATA").is_file():
+            raise _Damaged("state/_METADATA is missing")
+        try:
+            saved_tree = ocp.StandardCheckpointHandler().metadata(state_dir).tree
+        except Exception as err:
+            raise _Damaged(f"state/_METADATA is unreadable: {_reason(err)}") from None
+        if target is not None and (diff := _tree_differences(saved_tree, target)):
+            differ = f"; settings that differ: {', '.join(notes)}" if notes else ""
+            raise ConfigError(
+                f"{where} holds arrays this run does not build ({'; '.join(diff)}){differ}: "
+                "resume with the same settings or set checkpoint.resume=false."
+            )
+        try:
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            state = self._mgr.restore(step, args=args)["state"]
+        except Exception as err:
+            raise _Damaged(f"an array in state/ is unreadable: {_reason(err)}") from None
+        if notes:
+            shown = ", ".join(notes[:6]) + (f" and {len(notes) - 6} more" if len(notes) > 6 else "")
+            report(f"{where} was saved with other values of {shown}; this run uses its own")
+        return Restored(step=step, state=state, host=host)
+
+    def _set_aside(self, steps: list[int]) -> dict[int, Path]:
+        """Move damaged ``steps`` to ``<dir>/damaged/`` (out of orbax's sight, kept for
+        inspection); returns where each went. Process 0 moves, the others wait for it."""
+        moved: dict[int, Path] = {}
+        for s in steps:
+            dest, n = self.directory / DAMAGED_DIR / str(s), 1
+            while dest.exists():
+                dest, n = self.directory / DAMAGED_DIR / f"{s}-{n}", n + 1
+            if jax.process_index() == 0:
+                dest.parent.mkdir(exist_ok=True)
+                (self.directory / str(s)).rename(dest)
+            moved[s] = dest
+        if steps:
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("jaxrlhf.checkpoint.set_aside")
+            self._mgr.reload()
+        return moved
+
+    def maybe_restore(
+        self,
+        target: PyTree | None = None,
+        *,
+        config: Config | None = None,
+        report: Callable[[str], None] | None = None,
+    ) -> Restored | None:
+        """The newest intact checkpoint if ``cfg.resume`` is on and one exists, else None."""
         if not self.cfg.resume or self.latest_step() is None:
             return None
-        restored = self.restore(target)
+        restored = self.restore(target, config=config, report=report)
         logger.info("checkpoint: resumed from step %d in %s", restored.step, self.directory)
         return restored
 
@@ -266,13 +541,37 @@ class Checkpointer:
         return out
 
     def wait(self) -> None:
-        """Block until the pending save is on disk."""
-        self._mgr.wait_until_finished()
+        """Block until the pending save is on disk (`CheckpointIOError` if it failed)."""
+        step, self._pending = self._pending, None
+        with self._write_errors(step):
+            self._mgr.wait_until_finished()
 
     def close(self) -> None:
         """Wait for the pending save and release the manager's threads."""
-        self._mgr.wait_until_finished()
-        self._mgr.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                self._mgr.close()
+            except Exception:  # the failed write already raised from wait()
+                logger.debug("checkpoint: closing after a failed write", exc_info=True)
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None) -> Iterator[None]:
+        """An operating-system error writing ``step`` (a full disk) becomes one sentence."""
+        try:
+            yield
+        except Exception as err:
+            text = _os_error_text(err)
+            if text is None or step is None:
+                raise
+            self._mgr.reload()
+            latest = self._mgr.latest_step()
+            kept = "no checkpoint" if latest is None else f"step {latest}"
+            raise CheckpointIOError(
+                f"could not write checkpoint step {step} to {self.directory}: {text}; "
+                f"{kept} remains the latest."
+            ) from None
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -109,14 +109,16 @@ class RunLoop(abc.ABC):
         return self.cfg.checkpoint.resume and self.checkpointer.latest_step() is not None
 
     def restore(self) -> Restored | None:
-        """Restore the latest complete checkpoint into the current state tree (whose shapes
-        and shardings it is read into); None for a fresh run."""
+        """Restore the newest intact checkpoint into the current state tree (whose shapes
+        and shardings it is read into); None for a fresh run. A damaged step is skipped (one
+        line each); a config that does not fit the checkpoint is a `ConfigError`."""
         if not self.resuming:
             return None
-        restored = self.checkpointer.restore(abstract_like(self.state_tree()))
+        target = abstract_like(self.state_tree())
+        restored = self.checkpointer.restore(target, config=self.cfg, report=self.say)
         self.set_state_tree(dict(restored.state))
         extra = restored.host.extra
-        self.step = int(extra["step"])
+        self.step = int(extra.get("step", restored.step))
         self.history = list(restored.host.metric_history)
         self.eval_history = list(extra.get("eval_history", []))
         self.bad_steps.load(extra.get("bad_steps"))  # a bad-step streak goes on across a resume
