@@ -48,7 +48,9 @@ class _StrictLoader(yaml.SafeLoader):
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; expected a YAML file")
+    if not p.exists():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
         text = p.read_text(encoding="utf-8")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import os
 from typing import Any, Literal
 
 import grain
@@ -26,6 +27,7 @@ import numpy as np
 from jaxrlhf.config import DataConfig
 from jaxrlhf.data.readers import PROMPT_TASKS, TOY_DATASET_SIZE, DataError, open_source
 from jaxrlhf.data.records import DataStats, PromptTable, build_table
+from jaxrlhf.errors import ConfigError
 
 __all__ = [
     "DataError",
@@ -61,15 +63,32 @@ class PromptBatch:
         return self.metadata[i] if self.metadata else None
 
 
-def load_tokenizer(name_or_path: str | None) -> Any:
-    """An HF tokenizer by local path or hub name; None: the built-in character tokenizer."""
+def load_tokenizer(name_or_path: str | None, key: str = "data.tokenizer") -> Any:
+    """An HF tokenizer by local path or hub name (``key``: the config key naming it, for
+    errors); None: the built-in character tokenizer. A directory without tokenizer files, or
+    one transformers cannot read, is a `ConfigError` naming ``key`` and the directory."""
     if name_or_path is None:
         from jaxrlhf.data.tokenizer import build_char_tokenizer
 
         return build_char_tokenizer()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path)
+    from jaxrlhf.models.config import read_hf_config
+    from jaxrlhf.models.hf_io import TOKENIZER_FILES, resolve_model_dir
+
+    path = resolve_model_dir(name_or_path, key)
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{key}: {path} has no tokenizer files; expected one of {', '.join(TOKENIZER_FILES)} "
+            "(or set data.tokenizer to a tokenizer directory)."
+        )
+    if os.path.isfile(os.path.join(path, "config.json")):
+        read_hf_config(path)  # transformers reads it too: an invalid one is named here
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # transformers' "can't load" / bad tokenizer files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{key}: cannot load the tokenizer in {path} ({first}).") from None
 
 
 def _option(cfg: DataConfig, name: str, value: Any, default: Any) -> Any:

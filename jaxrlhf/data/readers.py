@@ -20,6 +20,7 @@ import gzip
 import json
 import os
 import urllib.parse
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,28 @@ def _read_json_array(path: Path, text: bytes) -> Iterator[RawRow]:
 def read_jsonl(path: str | os.PathLike) -> Iterator[RawRow]:
     """One row per non-blank line; a line that is not a JSON object is an error row.
 
-    A file whose content is one JSON array of objects is read as one row per element.
+    A file whose content is one JSON array of objects is read as one row per element. A file
+    that cannot be read to its end (a truncated or corrupt ``.gz``, an I/O error) is a
+    `DataError` naming it and the last line read.
     """
     path = Path(path)
+    last = None
+    try:
+        for row in _jsonl_rows(path):
+            last = row.where
+            yield row
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        after = f" after {last}" if last else ""
+        kind = "truncated or corrupt" if path.name.endswith(".gz") else "unreadable"
+        raise DataError(f"{path} is {kind}: reading failed{after} ({_describe(e)}).") from None
+
+
+def _describe(e: BaseException) -> str:
+    """``"EOFError: Compressed file ended ..."`` (the type alone when the message is empty)."""
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def _jsonl_rows(path: Path) -> Iterator[RawRow]:
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
         head = f.read(4096).lstrip()
@@ -120,16 +140,24 @@ def _check_columns(name: str, available: Sequence[str], columns: Sequence[str]) 
 def read_parquet(path: str | os.PathLike, columns: Sequence[str]) -> Iterator[RawRow]:
     """Rows of a Parquet file with every column (the ones past ``columns``, the top-level names
     of the keys, reach reward functions as metadata); a missing key column is an error."""
-    import pyarrow.parquet as pq  # imported here: only Parquet sources need pyarrow
+    import pyarrow as pa  # imported here: only Parquet sources need pyarrow
+    import pyarrow.parquet as pq
 
     path = Path(path)
-    pf = pq.ParquetFile(path)
-    _check_columns(str(path), pf.schema_arrow.names, columns)
     index = 0
-    for batch in pf.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            index += 1
-            yield RawRow(f"{path} row {index}", row)
+    try:
+        pf = pq.ParquetFile(path)
+        _check_columns(str(path), pf.schema_arrow.names, columns)
+        for batch in pf.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                index += 1
+                yield RawRow(f"{path} row {index}", row)
+    except (pa.ArrowException, OSError) as e:  # ArrowInvalid: a bad footer, page or schema
+        after = f" after row {index}" if index else ""
+        raise DataError(
+            f"{path} is not a readable Parquet file{after} ({_describe(e)}); expected a "
+            "complete file written by pyarrow / pandas."
+        ) from None
 
 
 def _hf_rows(name: str, ds: Any, columns: Sequence[str]) -> Iterator[RawRow]:

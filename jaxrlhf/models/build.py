@@ -44,8 +44,10 @@ def _load(
     *,
     lm_head: bool = True,
     value_head: bool = False,
+    key: str,
 ) -> ModelHandle:
-    """The HF directory ``cfg.path`` in ``cfg``'s dtypes (and remat, where it has one)."""
+    """The HF model ``cfg.path`` (config key ``key``) in ``cfg``'s dtypes (and remat, where it
+    has one)."""
     return from_pretrained(
         cfg.path,
         cfg.param_dtype,
@@ -54,6 +56,7 @@ def _load(
         remat=getattr(cfg, "remat", False),
         lm_head=lm_head,
         value_head=value_head,
+        key=key,
     )
 
 
@@ -64,11 +67,12 @@ def build_model(
     seed: int = 0,
     lm_head: bool = True,
     value_head: bool = False,
+    key: str = "actor.path",
 ) -> ModelHandle:
-    """``cfg.path`` set: load that HF directory (its config.json wins over the arch fields);
-    otherwise a random model of the configured architecture."""
+    """``cfg.path`` set: load that HF model (its config.json wins over the arch fields; ``key``
+    names the config key in errors); otherwise a random model of the configured architecture."""
     if cfg.path is not None:
-        return _load(cfg, mesh, lm_head=lm_head, value_head=value_head)
+        return _load(cfg, mesh, lm_head=lm_head, value_head=value_head, key=key)
     return init_model(
         transformer_config(cfg), seed, mesh=mesh, lm_head=lm_head, value_head=value_head
     )
@@ -104,7 +108,7 @@ def derived_model(
 def build_critic(cfg: CriticConfig, actor: ModelHandle, *, mesh: Mesh | None = None) -> ModelHandle:
     """The value model: ``cfg.path`` with a fresh value head, or the actor's trunk."""
     if cfg.path is not None:
-        return _load(cfg, mesh, lm_head=False, value_head=True)
+        return _load(cfg, mesh, lm_head=False, value_head=True, key="critic.path")
     return derived_model(
         actor,
         param_dtype=cfg.param_dtype,
@@ -118,5 +122,5 @@ def build_reference(cfg: RefConfig, actor: ModelHandle, *, mesh: Mesh | None = N
     """The frozen reference policy: ``cfg.path``, or the actor's initial weights, in the
     reference's own dtypes either way."""
     if cfg.path is not None:
-        return _load(cfg, mesh)
+        return _load(cfg, mesh, key="ref.path")
     return derived_model(actor, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)

@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any
 
+from jaxrlhf.errors import ConfigError
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -23,7 +25,7 @@ _ARCHITECTURES = {
 }
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(ConfigError):
     """A config.json (or architecture field) this package cannot run; one sentence for the user."""
 
 
@@ -161,6 +163,11 @@ def _windows_from_hf(hf: dict[str, Any], model_type: str, num_layers: int) -> tu
     return None
 
 
+_REQUIRED_INTS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+)  # fmt: skip
+
+
 def config_from_hf(
     hf: dict[str, Any],
     *,
@@ -176,9 +183,11 @@ def config_from_hf(
             f"{where}: unsupported model_type {model_type!r}; expected one of "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}."
         )
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
+    for key in _REQUIRED_INTS:
         if key not in hf:
             raise ModelConfigError(f"{where}: required key {key!r} is missing.")
+        if isinstance(hf[key], bool) or not isinstance(hf[key], int) or hf[key] < 1:
+            raise ModelConfigError(f"{where}: {key} is {hf[key]!r}; expected a positive integer.")
     if hf.get("hidden_act", "silu") != "silu":
         raise ModelConfigError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported.")
     num_layers = int(hf["num_hidden_layers"])
@@ -284,7 +293,12 @@ def read_hf_config(path: str) -> dict[str, Any]:
     if not os.path.isfile(file):
         raise ModelConfigError(f"{file} does not exist; expected an HF model directory.")
     try:
-        with open(file) as f:
-            return json.load(f)
+        with open(file, encoding="utf-8") as f:
+            hf = json.load(f)
     except json.JSONDecodeError as e:
         raise ModelConfigError(f"{file}, line {e.lineno}: invalid JSON ({e.msg}).") from None
+    except UnicodeDecodeError:
+        raise ModelConfigError(f"{file} is not UTF-8 text; expected a JSON object.") from None
+    if not isinstance(hf, dict):
+        raise ModelConfigError(f"{file} holds a {type(hf).__name__}; expected a JSON object.")
+    return hf

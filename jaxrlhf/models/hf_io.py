@@ -4,15 +4,25 @@ Loading streams: each parameter is built with `jax.make_array_from_callback`, wh
 reads only the layers and slices that one device shard needs from memory-mapped safetensors, so
 the host never holds two full copies of the weights. Saving fetches one HF tensor at a time and
 writes into a temporary directory that replaces the target only when complete.
+
+A model is named by a local directory or a hub name (`resolve_model_dir`). A hub name is taken
+from the HF cache or downloaded, never waited on: with ``HF_HUB_OFFLINE`` or
+``TRANSFORMERS_OFFLINE`` set only the cache is used, and otherwise the hub must answer a
+connection within `HUB_PROBE_TIMEOUT_S` seconds (else the cache, else one sentence saying so).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import threading
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from jaxrlhf.errors import ConfigError
 from jaxrlhf.models.config import (
     TransformerConfig,
     config_from_hf,
@@ -49,6 +60,99 @@ _TOKENIZER_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
+TOKENIZER_FILES = _TOKENIZER_FILES[:6]  # those a tokenizer is read from (the rest: templates)
+
+HUB_PROBE_TIMEOUT_S = 3.0  # a hub that does not accept a connection this fast counts as offline
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_HUB_FILES = ["config.json", "*.safetensors", INDEX_FILE, *_TOKENIZER_FILES]  # what is fetched
+# huggingface_hub's rule for repo ids: "name" or "owner/name" of word characters, "-" and "."
+_REPO_ID = re.compile(r"^(\b[\w\-.]+\b/)?\b[\w\-.]+\b$")
+
+
+def resolve_model_dir(name_or_path: str, key: str = "path") -> str:
+    """The local directory of the model ``name_or_path`` names (``key``: the config key it came
+    from, for the message): the directory itself, or a hub name's snapshot of the files this
+    package reads (config, safetensors, tokenizer), from the HF cache or downloaded.
+
+    Offline (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set) only the cache is used; online
+    the hub must accept a connection within `HUB_PROBE_TIMEOUT_S` or the cache is used. A path
+    that does not exist, an empty directory, a file, or a hub name that cannot be had is a
+    `ConfigError` naming ``key`` and the value.
+    """
+    path = os.path.expanduser(name_or_path)
+    expected = "expected an HF model directory (config.json, model.safetensors, tokenizer files)"
+    if os.path.isdir(path):
+        if not os.listdir(path):
+            raise ConfigError(f"{key}: {path} is an empty directory; {expected}.")
+        return path
+    if os.path.exists(path):
+        raise ConfigError(f"{key}: {path} is a file; {expected} or a hub model name.")
+    if len(name_or_path) > 96 or not _REPO_ID.match(name_or_path) or ".." in name_or_path:
+        raise ConfigError(f"{key}: {path} does not exist; {expected} or a hub model name.")
+    return _hub_snapshot(name_or_path, key)
+
+
+def _hub_snapshot(name: str, key: str) -> str:
+    from huggingface_hub import constants
+
+    cached = _cached_snapshot(name)
+    true = constants.ENV_VARS_TRUE_VALUES
+    offline = [v for v in _OFFLINE_VARS if os.environ.get(v, "").upper() in true]
+    if cached is not None and offline:
+        return cached
+    missing = (
+        f"{key}: {name!r} is not a local directory and not in the HF cache "
+        f"({constants.HF_HUB_CACHE})"
+    )
+    fix = f"download it first (hf download {name}) or set {key} to a local directory"
+    if offline:
+        raise ConfigError(f"{missing}, and {offline[0]} is set; {fix}.")
+    unreachable = _probe(constants.ENDPOINT)
+    if unreachable is not None:
+        if cached is not None:
+            return cached
+        raise ConfigError(f"{missing}, and the hub {constants.ENDPOINT} {unreachable}; {fix}.")
+    try:
+        return _download(name)
+    except (OSError, ValueError) as e:  # HfHubHTTPError (not found, gated) is an OSError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{key}: cannot download {name!r} from the hub ({first}).") from None
+
+
+def _cached_snapshot(name: str) -> str | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, allow_patterns=_HUB_FILES, local_files_only=True)
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or a bad name
+        return None
+
+
+@functools.cache  # the tokenizer and the model resolve the same name
+def _download(name: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name, allow_patterns=_HUB_FILES)
+
+
+def _probe(endpoint: str) -> str | None:
+    """None if ``endpoint``'s host accepts a TCP connection within `HUB_PROBE_TIMEOUT_S`, else
+    why not. Name resolution has no timeout of its own, so the probe runs in a daemon thread."""
+    url = urllib.parse.urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(f"cannot be reached ({e.strerror or e})")
+
+    thread = threading.Thread(target=connect, daemon=True, name="hub-probe")
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT_S)
+    return outcome[0] if outcome else f"did not answer within {HUB_PROBE_TIMEOUT_S:g} s"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,15 +240,16 @@ def _load_leaf(
     num_layers: int,
 ) -> jax.Array:
     expected = shape[1:] if spec.per_layer else shape
+    expected_hf = spec.to_hf(np.empty(expected, np.bool_)).shape  # compared before converting
     names = (
         [spec.hf_name.format(i=i) for i in range(num_layers)] if spec.per_layer else [spec.hf_name]
     )
-    for name in names:  # fail before any device work, naming the tensor
-        got = spec.to_ours(np.empty(reader.shape(name), np.bool_)).shape
-        if got != tuple(expected):
+    for name in names:  # fail before any device work, naming the file and the tensor
+        if reader.shape(name) != expected_hf:
+            config = os.path.join(reader.directory, "config.json")
             raise CheckpointError(
-                f"tensor {name!r} has shape {reader.shape(name)}, which does not match the "
-                f"config (expected {expected} after conversion)."
+                f"{reader.file(name)}: tensor {name!r} has shape {reader.shape(name)}, but "
+                f"{config} implies {expected_hf}; the weights and the config do not match."
             )
 
     def shard(index: tuple[slice, ...]) -> np.ndarray:
@@ -166,13 +271,17 @@ def from_pretrained(
     remat: bool = False,
     lm_head: bool = True,
     value_head: bool = False,
+    key: str = "path",
 ) -> ModelHandle:
-    """Load a local HF directory (Llama / Qwen2 / Qwen3 / Mistral) into a `ModelHandle`.
+    """Load an HF model (Llama / Qwen2 / Qwen3 / Mistral; a directory or a hub name, see
+    `resolve_model_dir`) into a `ModelHandle`.
 
     ``dtype`` is the parameter dtype; ``compute_dtype`` defaults to it. With a ``mesh``, every
     parameter is placed directly into its shards. ``value_head=True`` adds a zero-initialised
-    scalar head (a critic or reward model started from a causal LM).
+    scalar head (a critic or reward model started from a causal LM). ``key``: the config key
+    that named ``path``, for error messages.
     """
+    path = resolve_model_dir(path, key)
     hf = read_hf_config(path)
     cfg = config_from_hf(
         hf, param_dtype=dtype, compute_dtype=compute_dtype, remat=remat,

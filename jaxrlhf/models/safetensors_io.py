@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
+from jaxrlhf.errors import DataError
+
 _DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -33,7 +35,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataError):
     """A missing, malformed or mismatched checkpoint file; one sentence for the user."""
 
 
@@ -46,9 +48,43 @@ def _read_header(file: str) -> tuple[dict, int]:
         try:
             header = json.loads(f.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{file} has a corrupt safetensors header.") from None
+            header = None
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{file} has a corrupt safetensors header; expected a file written by "
+            "safetensors (re-download or re-export it)."
+        )
     header.pop("__metadata__", None)
     return header, 8 + size
+
+
+def _entry_of(file: str, tensor: str, info: object, base: int, file_size: int) -> tuple:
+    """``(file, dtype, shape, start, end)`` of one header entry, checked against the data its
+    dtype and shape need and against the file's size (a truncated download fails here, naming
+    the file and the tensor, instead of in a reshape)."""
+    try:
+        code, shape = info["dtype"], tuple(int(n) for n in info["shape"])  # type: ignore[index]
+        start, end = (int(n) for n in info["data_offsets"])  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        raise CheckpointError(
+            f"{file}: the header entry of tensor {tensor!r} is malformed ({info!r}); expected "
+            "dtype, shape and data_offsets."
+        ) from None
+    if code not in _DTYPES:
+        raise CheckpointError(f"{file}: tensor {tensor!r} has unsupported dtype {code}.")
+    dtype = _DTYPES[code]
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if end - start != nbytes or start < 0:
+        raise CheckpointError(
+            f"{file}: tensor {tensor!r} spans bytes {start}..{end} of the data, but its shape "
+            f"{shape} in {code} needs {nbytes} bytes; the file is corrupt."
+        )
+    if base + end > file_size:
+        raise CheckpointError(
+            f"{file} is truncated: tensor {tensor!r} ends at byte {base + end} but the file has "
+            f"{file_size} bytes; re-download or re-export it."
+        )
+    return file, dtype, shape, base + start, base + end
 
 
 class SafetensorsReader:
@@ -58,9 +94,15 @@ class SafetensorsReader:
         index = os.path.join(directory, INDEX_FILE)
         single = os.path.join(directory, SINGLE_FILE)
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+                raise CheckpointError(
+                    f"{index} is not a safetensors index; expected JSON with a "
+                    "'weight_map' of tensor name -> file."
+                ) from None
         elif os.path.isfile(single):
             files = [SINGLE_FILE]
         else:
@@ -76,19 +118,9 @@ class SafetensorsReader:
             if not os.path.isfile(file):
                 raise CheckpointError(f"{file} is listed in {INDEX_FILE} but does not exist.")
             header, base = _read_header(file)
+            size = os.path.getsize(file)
             for tensor, info in header.items():
-                if info["dtype"] not in _DTYPES:
-                    raise CheckpointError(
-                        f"{file}: tensor {tensor!r} has unsupported dtype {info['dtype']}."
-                    )
-                start, end = info["data_offsets"]
-                self._entries[tensor] = (
-                    file,
-                    _DTYPES[info["dtype"]],
-                    tuple(info["shape"]),
-                    base + start,
-                    base + end,
-                )
+                self._entries[tensor] = _entry_of(file, tensor, info, base, size)
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
@@ -98,6 +130,10 @@ class SafetensorsReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name)[2]
+
+    def file(self, name: str) -> str:
+        """The file that holds tensor ``name``."""
+        return self._entry(name)[0]
 
     def _entry(self, name: str):
         try:

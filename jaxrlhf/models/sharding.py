@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxrlhf.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or axes, or None for replicated)
@@ -36,8 +38,8 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-class MeshError(ValueError):
-    """A mesh shape that does not fit the devices; one sentence for the user."""
+class MeshError(ConfigError):
+    """A mesh shape (``mesh.*``) that does not fit the devices; one sentence for the user."""
 
 
 def make_mesh(

@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from jaxrlhf.errors import ConfigError
 from jaxrlhf.registry import Registry, RegistryError
 
 _SIGNATURE = "fn(response, answer, *, prompt=None, metadata=None) -> float"
@@ -28,7 +29,7 @@ class RewardFn(Protocol):
     ) -> float: ...
 
 
-class RewardLoadError(ValueError):
+class RewardLoadError(ConfigError):
     """A custom reward function path that cannot be imported or called; one sentence."""
 
 

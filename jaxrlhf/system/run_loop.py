@@ -57,7 +57,10 @@ class RunLoop(abc.ABC):
             self.mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
         except MeshError as e:
             raise ConfigError(str(e)) from None
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.actor.path)
+        self.tokenizer = load_tokenizer(
+            cfg.data.tokenizer or cfg.actor.path,
+            key="data.tokenizer" if cfg.data.tokenizer else "actor.path",
+        )
         self.total = cfg.experiment.total_steps
         self.step = 0
         self.history: list[dict[str, Any]] = []

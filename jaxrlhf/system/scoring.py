@@ -22,7 +22,16 @@ import numpy as np
 
 from jaxrlhf.config import Config
 from jaxrlhf.data.readers import PROMPT_TASKS
-from jaxrlhf.rewards import RewardFn, RewardPool, get_reward_fn, math_reward, score_in_process
+from jaxrlhf.registry import RegistryError
+from jaxrlhf.rewards import (
+    RewardFn,
+    RewardLoadError,
+    RewardPool,
+    ScoreReport,
+    get_reward_fn,
+    math_reward,
+    score_in_process,
+)
 from jaxrlhf.system.rollout import Trajectories
 
 log = logging.getLogger(__name__)
@@ -31,11 +40,27 @@ log = logging.getLogger(__name__)
 def reward_function(cfg: Config) -> RewardFn:
     """``reward.fn`` if set; else the built-in task's exact checker, or the math verifier."""
     if cfg.reward.fn is not None:
-        return get_reward_fn(cfg.reward.fn)
+        try:
+            return get_reward_fn(cfg.reward.fn)
+        except (RewardLoadError, RegistryError) as e:  # name the config key
+            raise type(e)(f"reward.fn: {e}") from None
     task = cfg.data.train_path or "arithmetic"
     if task in PROMPT_TASKS:
         return get_reward_fn(PROMPT_TASKS.get(task)().score)
     return get_reward_fn(math_reward)
+
+
+def _failed_sample(report: ScoreReport, traj: Trajectories) -> str:
+    """The batch's first failure, naming its sample (indices from 0): ``"sample 5 (prompt 2,
+    response 1; prompt '3+4='): ValueError: ..."``."""
+    i, message = report.first_index, report.first_failure or ""
+    if i is None:
+        return message
+    message = message.removeprefix(f"item {i}: ")
+    prompt = traj.prompts[i] if i < len(traj.prompts) else ""
+    shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+    group = max(traj.group_size, 1)
+    return f"sample {i} (prompt {i // group}, response {i % group}; prompt {shown!r}): {message}"
 
 
 class Scorer:
@@ -65,7 +90,7 @@ class Scorer:
             log.warning(
                 "a reward failed and scored 0 (%s); later failures are not logged, "
                 "reward/errors and reward/timeouts count them.",
-                report.first_failure,
+                _failed_sample(report, traj),
             )
         scores = np.asarray(report.scores, np.float32) * self.scale
         if self.clip is not None:
