@@ -381,3 +381,25 @@ def test_manager_balances_and_reports_health(model, other_params):
     assert all(h["alive"] and h["version"] == 2 and h["completed"] == 3 for h in health)
     assert not manager.abort(handles[0].request_id)  # finished requests are forgotten
     manager.close()
+
+
+def test_remote_server_keeps_the_submit_contract(model):
+    """The process-backed twin: float ids are refused before they cross the pipe (never
+    truncated by the client), and the child's refusals come back as the same failed handles."""
+    from jaxrlhf.system.remote_server import RemoteGenerationServer
+
+    server = RemoteGenerationServer(
+        CFG, model.params, max_slots=SLOTS, max_seq_len=SEQ_LEN, decode_chunk=CHUNK
+    )
+    try:
+        floats = server.submit([1, 2.9], SamplingParams(max_new_tokens=2))
+        assert floats.done()
+        with pytest.raises(InvalidRequestError, match=r"got 2\.9 at position 1"):
+            floats.result()
+        seed = server.submit([1, 2], SamplingParams(max_new_tokens=2, seed=2**70))
+        with pytest.raises(InvalidRequestError, match="seed=1180591620717411303424 is invalid"):
+            seed.result(timeout=120)
+        good = server.submit(np.array([1, 2], np.int32), SamplingParams(max_new_tokens=2))
+        assert len(good.result(timeout=120).completions[0].tokens) == 2
+    finally:
+        server.close()
