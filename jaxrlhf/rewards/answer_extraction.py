@@ -26,9 +26,10 @@ _FRAC_ARG = r"(?:\{[^{}]{1,40}\}|\d)"
 LATEX_THOUSANDS_SEP = r"(?:,\\!|\\,|\\!|\{,\}|\\ |~)"
 _GROUP_SEP = rf"(?:{LATEX_THOUSANDS_SEP}|,| )"
 _NUMBER_RE = re.compile(
+    r"(?=[-\\\d.])(?:"  # the lookahead lets the scan skip the letters fast
     rf"-?\\[dtc]?frac{_FRAC_ARG}{_FRAC_ARG}"
     rf"|(?<![\w.])-?(?:(?:\d{{1,3}}(?:{_GROUP_SEP}\d{{3}}(?!\d))+|\d+)(?:\.\d+)?|\.\d+)"
-    r"(?:\s*/\s*\d+(?!\d|\.\d))?(?:\s*\\?%)?"
+    r"(?:\s*/\s*\d+(?!\d|\.\d))?(?:\s*\\?%)?)"
 )
 # A math span: $$...$$, \[...\], \(...\) or $...$ on one line (a lone "$18" is currency). The
 # length bound keeps a response of 20,000 unclosed "\[" linear: no answer is that long.
@@ -36,6 +37,7 @@ _SPAN = r"(.{1,300}?)"
 _MATH_SPAN_RE = re.compile(
     rf"\$\${_SPAN}\$\$|\\\[{_SPAN}\\\]|\\\({_SPAN}\\\)|\$([^$\n]{{1,300}}?)\$(?!\d)", re.S
 )
+_SENTENCE_END_RE = re.compile(r"\.(?=\s|$)|,\s")
 _WORDS_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}")  # a sentence
 _LEADING_WORD_RE = re.compile(r"[A-Za-z]{2,}\s")  # "an $1,234$ dollars", not "x = 4"
 _PLAIN_WORD_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
@@ -108,7 +110,7 @@ def _after_answer_is(text: str) -> str | None:
         return _span_text(span) or None
     rest = rest.split("\n", 1)[0]
     # End of sentence: a period, or a comma followed by a space ("$18, which is ...").
-    rest = re.split(r"\.(?=\s|$)|,\s", rest, maxsplit=1)[0]
+    rest = _SENTENCE_END_RE.split(rest, maxsplit=1)[0]
     rest = rest.replace("**", "").strip()
     if _WORDS_RE.search(rest) or _LEADING_WORD_RE.match(rest):
         # "Janet makes $18 every day": its last number; "no real solution": the words.
@@ -129,7 +131,9 @@ def _bare_answer(text: str) -> str | None:
 def _last_span_or_number(text: str) -> str | None:
     """The last math span unless a number follows it; else the last number."""
     numbers = list(_NUMBER_RE.finditer(text))
-    spans = [m for m in _MATH_SPAN_RE.finditer(text) if _is_math_like(_span_text(m))]
+    spans = []
+    if "$" in text or "\\(" in text or "\\[" in text:  # most plain prose has none: skip the scan
+        spans = [m for m in _MATH_SPAN_RE.finditer(text) if _is_math_like(_span_text(m))]
     if spans and (not numbers or numbers[-1].end() <= spans[-1].end()):
         return _span_text(spans[-1]) or None
     return numbers[-1].group(0).strip() if numbers else None
