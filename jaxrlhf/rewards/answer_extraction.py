@@ -37,7 +37,7 @@ _SPAN = r"(.{1,300}?)"
 _MATH_SPAN_RE = re.compile(
     rf"\$\${_SPAN}\$\$|\\\[{_SPAN}\\\]|\\\({_SPAN}\\\)|\$([^$\n]{{1,300}}?)\$(?!\d)", re.S
 )
-_SENTENCE_END_RE = re.compile(r"\.(?=\s|$)|,\s")
+_SENTENCE_END_RE = re.compile(r"[.!?](?=\s|$)|,\s")  # "42!" is excited, rarely 42 factorial
 _WORDS_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}")  # a sentence
 _LEADING_WORD_RE = re.compile(r"[A-Za-z]{2,}\s")  # "an $1,234$ dollars", not "x = 4"
 _PLAIN_WORD_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
@@ -109,7 +109,7 @@ def _after_answer_is(text: str) -> str | None:
     if span:  # "The final answer is \((-6, 10)\)": the whole span, commas included
         return _span_text(span) or None
     rest = rest.split("\n", 1)[0]
-    # End of sentence: a period, or a comma followed by a space ("$18, which is ...").
+    # End of sentence: . ! or ?, or a comma followed by a space ("$18, which is ...").
     rest = _SENTENCE_END_RE.split(rest, maxsplit=1)[0]
     rest = rest.replace("**", "").strip()
     if _WORDS_RE.search(rest) or _LEADING_WORD_RE.match(rest):
