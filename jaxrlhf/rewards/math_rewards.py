@@ -15,10 +15,11 @@ def math_reward(
 
     ``answer`` may be a bare answer (``"42"``, ``"\\frac{3}{4}"``), GSM8K solution text ending in
     ``#### 42``, or a solution with a ``\\boxed{}`` answer. Extraction rules are in
-    :mod:`jaxrlhf.rewards.answer_extraction`, comparison rules (numeric tolerance, symbolic
-    equivalence) in :mod:`jaxrlhf.rewards.answer_matching`. ``timeout`` bounds the symbolic check
-    in seconds (it is killed, and scores 0.0, past it); ``require_boxed`` gives credit only to an
-    answer inside ``\\boxed{}``.
+    :mod:`jaxrlhf.rewards.answer_extraction`, comparison rules (exact numbers, a tolerance only
+    for decimal approximations, symbolic equivalence) in :mod:`jaxrlhf.rewards.answer_matching`;
+    ``tests/data/math_equivalence_cases.jsonl`` holds the cases they are held to. ``timeout``
+    bounds the symbolic check in seconds (it is killed, and scores 0.0, past it);
+    ``require_boxed`` gives credit only to an answer inside ``\\boxed{}``.
     """
     if isinstance(answer, int | float) and not isinstance(answer, bool):
         answer = str(answer)  # a dataset column of numbers
