@@ -164,7 +164,7 @@ CASES = [
     ("corrupt parquet", _corrupt_parquet, OFFLINE,
      ["bad.parquet is not a readable Parquet file", "ArrowInvalid"]),
     ("truncated jsonl.gz", _truncated_gz, OFFLINE,
-     ["rows.jsonl.gz is truncated or corrupt", "EOFError"]),
+     ["rows.jsonl.gz is truncated or corrupt: reading failed after line ", "EOFError"]),
     ("reward module", _reward_module, OFFLINE,
      ["reward.fn", "'no_such_reward_module'", "No module named"]),
     ("config is a directory", _config_dir, OFFLINE, ["is a directory; expected a YAML file"]),
@@ -231,6 +231,24 @@ def test_hub_name_resolves_from_the_cache_offline(model_dir, tmp_path, monkeypat
     assert len(load_tokenizer("acme/tiny", key="actor.path")) == len(build_char_tokenizer())
     with pytest.raises(ConfigError, match=r"actor\.path: 'acme/other' is not a local directory"):
         hf_io.resolve_model_dir("acme/other", "actor.path")
+
+    # Online but the hub unreachable: the cache still serves; online and reachable, a download
+    # that fails (not found, gated) is one sentence.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_io, "_probe", lambda endpoint: "cannot be reached (refused)")
+    snapshot = repo / "snapshots" / commit
+    assert Path(hf_io.resolve_model_dir("acme/tiny", "actor.path")) == snapshot
+    monkeypatch.setattr(hf_io, "_probe", lambda endpoint: None)
+
+    def not_found(name):
+        raise OSError(f"404 Client Error. Repository Not Found for url: .../{name}.\nmore")
+
+    monkeypatch.setattr(hf_io, "_download", not_found)
+    with pytest.raises(ConfigError, match=r"ref\.path: 'acme/gone' is not a local directory, and "
+                       r"downloading it from the hub failed \(404 Client Error\. Repository Not "
+                       r"Found for url: \.\.\./acme/gone\.\)\.$"):  # fmt: skip
+        hf_io.resolve_model_dir("acme/gone", "ref.path")
 
 
 def test_hub_probe_gives_up_quickly(monkeypatch):

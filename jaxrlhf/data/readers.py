@@ -83,13 +83,12 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[RawRow]:
     `DataError` naming it and the last line read.
     """
     path = Path(path)
-    last = None
+    after = ""
     try:
         for row in _jsonl_rows(path):
-            last = row.where
+            after = f" after line {row.where.removeprefix(f'{path}:')}"
             yield row
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-        after = f" after {last}" if last else ""
         kind = "truncated or corrupt" if path.name.endswith(".gz") else "unreadable"
         raise DataError(f"{path} is {kind}: reading failed{after} ({_describe(e)}).") from None
 

@@ -116,7 +116,10 @@ def _hub_snapshot(name: str, key: str) -> str:
         return _download(name)
     except (OSError, ValueError) as e:  # HfHubHTTPError (not found, gated) is an OSError
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{key}: cannot download {name!r} from the hub ({first}).") from None
+        raise ConfigError(
+            f"{key}: {name!r} is not a local directory, and downloading it from the hub failed "
+            f"({first})."
+        ) from None
 
 
 def _cached_snapshot(name: str) -> str | None:

@@ -107,7 +107,7 @@ def load_reward_model(
             "at a reward model exported by launchers/rm.py."
         )
     handle = from_pretrained(path, dtype, compute_dtype=compute_dtype, mesh=mesh, lm_head=False,
-                             value_head=True)  # fmt: skip
+                             value_head=True, key="reward_model.path")  # fmt: skip
     hidden = handle.config.hidden_size
     if reader.shape(HEAD_WEIGHT) not in ((1, hidden), (hidden,)):
         raise ConfigError(
