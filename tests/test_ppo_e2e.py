@@ -127,3 +127,26 @@ def test_shipped_configs_load_and_build_graphs(name):
     cfg = load_config(ROOT / "configs" / name)
     graph = build_graph(cfg)
     assert ("critic_train" in graph.order) == cfg.use_critic
+
+
+def test_loaded_model_too_short_for_prompt_and_response_is_a_config_error(tmp_path):
+    """A model from actor.path is checked against data.max_prompt_len + max_new_tokens before
+    anything compiles (a from-scratch one is checked by the config)."""
+    from jaxrlhf.config import ConfigError
+    from jaxrlhf.data.tokenizer import build_char_tokenizer
+    from jaxrlhf.models import TransformerConfig, init_model, save_pretrained
+
+    short = TransformerConfig(
+        model_type="llama", vocab_size=80, hidden_size=32, intermediate_size=64, num_layers=1,
+        num_heads=2, num_kv_heads=1, max_position_embeddings=16,
+    )  # fmt: skip
+    model_dir = tmp_path / "short_model"
+    save_pretrained(init_model(short, seed=0), str(model_dir))
+    build_char_tokenizer().save_pretrained(str(model_dir))
+    cfg = _config(tmp_path / "run", f"actor.path={model_dir}", "data.max_prompt_len=16")
+    with pytest.raises(ConfigError) as e:
+        PPOCoordinator(cfg)
+    assert str(e.value) == (
+        "data.max_prompt_len + generation.max_new_tokens (20) must be <= the actor's "
+        "max_position_embeddings (16)."
+    )

@@ -88,6 +88,7 @@ class PPOCoordinator(RunLoop):
 
         actor = build_model(cfg.actor, mesh=self.mesh, seed=cfg.experiment.seed)
         self._check_vocab(actor.config)
+        self._check_positions(actor.config)
         if not self.resuming:  # a resumed run restores the warmed-up weights instead
             actor = self._sft_warmup(actor)
         self.models = self._fresh_models(actor)
@@ -109,6 +110,16 @@ class PPOCoordinator(RunLoop):
             raise ConfigError(
                 f"{what}={cfg.vocab_size} is smaller than the tokenizer's "
                 f"{len(self.tokenizer)} tokens."
+            )
+
+    def _check_positions(self, cfg: TransformerConfig) -> None:
+        """Prompt + response must fit the model (a from-scratch model is checked by the config;
+        a loaded one only here, before anything compiles)."""
+        longest = self.cfg.data.max_prompt_len + self.cfg.generation.max_new_tokens
+        if longest > cfg.max_position_embeddings:
+            raise ConfigError(
+                f"data.max_prompt_len + generation.max_new_tokens ({longest}) must be <= the "
+                f"actor's max_position_embeddings ({cfg.max_position_embeddings})."
             )
 
     def _fresh_models(self, actor: ModelHandle) -> Models:
