@@ -112,6 +112,8 @@ def test_integer_neighbours_never_match(gold: int) -> None:
             f"The answer is {wrong:,}.",
             f"#### {wrong}",
             rf"\boxed{{{wrong:,}}}".replace(",", r"{,}"),
+            rf"\boxed{{{wrong:,}}}".replace(",", r"\,"),
+            f"The answer is {wrong:,}".replace(",", " "),
             f"{wrong}.0",
         ):
             assert math_reward(response, str(gold)) == 0.0, (response, gold)
