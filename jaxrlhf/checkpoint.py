@@ -61,7 +61,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import Sharding
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jaxrlhf.config import CheckpointConfig, Config, ConfigError, config_to_yaml
+from jaxrlhf.config import (
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_yaml,
+)
 from jaxrlhf.errors import DataError
 
 __all__ = [
@@ -163,20 +169,31 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _flat_config(cfg: Config) -> dict[str, Any]:
+    """``cfg`` as ``{dotted.key: value}`` in the YAML form a checkpoint stores it in."""
+    return _flat(yaml.safe_load(config_to_yaml(cfg)))
+
+
 def state_settings(cfg: Config) -> dict[str, Any]:
     """The settings a checkpoint's state depends on, by dotted key: a run resumes only with the
     same values. ``critic.enabled`` / ``ref.enabled`` are the effective values (a critic is
     also on when the advantage estimator needs values, a reference when ``algorithm.kl_coef``
     > 0); a model's path and, from scratch, its architecture; a critic's or reference's path
     only while it is kept."""
-    flat = _flat(yaml.safe_load(config_to_yaml(cfg)))
     keys = ["actor.path"]
     if cfg.actor.path is None:
         keys += [f"actor.{f}" for f in _ARCH_FIELDS]
     for role, used in (("critic", cfg.use_critic), ("ref", cfg.use_ref)):
-        keys += [f"{role}.enabled"] + ([f"{role}.path"] if used else [])
-    out = {k: v for k, v in flat.items() if k in keys or k.startswith("actor.rope_scaling.")}
+        keys += [f"{role}.path"] if used else []
+    out = {
+        k: v
+        for k, v in _flat_config(cfg).items()
+        if k in keys or k.startswith("actor.rope_scaling.")
+    }
     return out | {"critic.enabled": cfg.use_critic, "ref.enabled": cfg.use_ref}
+
+
+_DERIVED = ("critic.enabled", "ref.enabled")  # effective values, not the raw config entries
 
 
 def _show(value: Any) -> str:
@@ -186,23 +203,21 @@ def _show(value: Any) -> str:
 
 
 def _config_changes(saved_yaml: str, cfg: Config) -> tuple[dict[str, tuple[Any, Any]], list[str]]:
-    """(``state_settings`` that differ: key -> (saved, new), other keys that differ)."""
-    from jaxrlhf.config import config_from_dict
-
+    """(``state_settings`` that differ: key -> (saved, new); the other keys that differ)."""
     saved_raw = yaml.safe_load(saved_yaml)
-    others = _flat(yaml.safe_load(config_to_yaml(cfg)))
-    saved_flat = _flat(saved_raw)
+    if not isinstance(saved_raw, Mapping):
+        raise yaml.YAMLError(f"a {type(saved_raw).__name__}, not a mapping")
+    saved_flat, new_flat, new = _flat(saved_raw), _flat_config(cfg), state_settings(cfg)
     try:
         saved = state_settings(config_from_dict(saved_raw))
-    except (ConfigError, TypeError, ValueError):  # an older schema: compare what both have
-        saved = {k: v for k, v in saved_flat.items() if k in state_settings(cfg)}
-    new = state_settings(cfg)
-    blocking = {k: (saved[k], new[k]) for k in saved.keys() & new.keys() if saved[k] != new[k]}
-    blocking = dict(sorted(blocking.items()))
+    except (KeyError, TypeError, ValueError):  # an older schema: compare the entries both have
+        saved = {k: v for k, v in saved_flat.items() if k in new and k not in _DERIVED}
+    blocking = {k: (saved[k], new[k]) for k in sorted(saved.keys() & new.keys())}
+    blocking = {k: pair for k, pair in blocking.items() if pair[0] != pair[1]}
     rest = sorted(
         k
-        for k in saved_flat.keys() | others.keys()
-        if saved_flat.get(k) != others.get(k) and k not in new and k not in saved
+        for k in saved_flat.keys() | new_flat.keys()
+        if saved_flat.get(k) != new_flat.get(k) and k not in new and k not in saved
     )
     return blocking, rest
 
@@ -463,7 +478,10 @@ class Checkpointer:
             raise _Damaged(f"host/ is not a jaxrlhf host state: {err}") from None
         notes: list[str] = []
         if config is not None and host.config is not None:
-            changed, others = _config_changes(host.config, config)
+            try:
+                changed, others = _config_changes(host.config, config)
+            except yaml.YAMLError as err:
+                raise _Damaged(f"host/ holds a config that is not YAML: {_reason(err)}") from None
             if changed:
                 was = ", ".join(f"{k}={_show(old)}" for k, (old, _) in changed.items())
                 now = ", ".join(_show(new) for _, new in changed.values())

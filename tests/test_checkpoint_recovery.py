@@ -164,6 +164,23 @@ def test_state_settings_that_differ(tmp_path, overrides, keys):
         ckpt.restore(config=other)
 
 
+def test_a_config_from_an_older_schema_is_compared_on_the_keys_both_have(tmp_path):
+    saved = config_to_yaml(BASE) + "retired_group:\n  knob: 1\n"  # no longer a config key
+    with Checkpointer(CheckpointConfig(dir=str(tmp_path))) as ckpt:
+        ckpt.save(1, state_at(1), HostState(config=saved))
+        other = with_overrides(BASE, ["actor.vocab_size=100"])
+        with pytest.raises(
+            ConfigError, match=r"saved with actor\.vocab_size=512; this config has 100:"
+        ):
+            ckpt.restore(config=other, report=pytest.fail)
+        lines: list[str] = []
+        assert ckpt.restore(config=BASE, report=lines.append).step == 1
+    assert lines == [
+        f"checkpoint step 1 in {tmp_path} was saved with other values of retired_group.knob; "
+        "this run uses its own"
+    ]
+
+
 def test_other_changes_are_one_note_and_restore(tmp_path):
     save_steps(tmp_path, [1], BASE)
     other = with_overrides(
