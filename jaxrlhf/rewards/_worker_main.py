@@ -59,7 +59,10 @@ def _load(init: dict[str, Any]) -> Any:
 def main(argv: list[str]) -> None:
     fd, parent_pid = int(argv[1]), int(argv[2])
     _die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle.
+    # Ctrl-C and a scheduler's SIGTERM / SIGUSR1 (sent to every process of a job) are the
+    # parent's to act on: it saves and then ends the pool; the kernel ends us if it dies.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     conn = Connection(fd)
     init = conn.recv()
     if init["memory_limit_mb"]:

@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import multiprocessing as mp
 import os
+import signal
 import threading
 from typing import Any
 
@@ -24,6 +25,7 @@ import jax
 from jaxrlhf.generation.server import RequestHandle
 from jaxrlhf.generation.types import InvalidRequestError, SamplingParams, prompt_token_ids
 from jaxrlhf.models.config import TransformerConfig
+from jaxrlhf.system.run_guards import STOP_SIGNALS
 
 
 def free_cpus() -> set[int] | None:
@@ -36,6 +38,10 @@ def free_cpus() -> set[int] | None:
 
 def _serve(conn, cfg: TransformerConfig, params: Any, n_devices: int, cpus, kwargs) -> None:
     """Child main: pin, start JAX on ``n_devices`` CPU devices, serve requests from ``conn``."""
+    # Stop signals are the parent's to act on (a terminal's Ctrl-C and Slurm's signals reach
+    # every process of the job); the parent ends this one with "close" or by closing the pipe.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     if cpus:
         os.sched_setaffinity(0, cpus)  # before JAX sizes its thread pool from the affinity
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
