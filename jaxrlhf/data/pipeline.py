@@ -83,7 +83,7 @@ def load_tokenizer(name_or_path: str | None, key: str = "data.tokenizer") -> Any
             "(or set data.tokenizer to a tokenizer directory)."
         )
     if os.path.isfile(os.path.join(path, "config.json")):
-        read_hf_config(path)  # transformers reads it too: an invalid one is named here
+        read_hf_config(path, key)  # transformers reads it too: an invalid one is named here
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:  # transformers' "can't load" / bad tokenizer files

@@ -287,9 +287,18 @@ def config_to_hf(cfg: TransformerConfig) -> dict[str, Any]:
     return hf
 
 
-def read_hf_config(path: str) -> dict[str, Any]:
-    """Read ``path/config.json`` with a clear error when it is missing or malformed."""
-    file = os.path.join(path, "config.json")
+def read_hf_config(path: str, key: str | None = None) -> dict[str, Any]:
+    """Read ``path/config.json`` with a clear error when it is missing or malformed (starting
+    with ``key``, the config key that named ``path``, when given)."""
+    try:
+        return _read_hf_config(os.path.join(path, "config.json"))
+    except ModelConfigError as e:
+        if key is None:
+            raise
+        raise ModelConfigError(f"{key}: {e}") from None
+
+
+def _read_hf_config(file: str) -> dict[str, Any]:
     if not os.path.isfile(file):
         raise ModelConfigError(f"{file} does not exist; expected an HF model directory.")
     try:

@@ -33,6 +33,7 @@ from jax.sharding import Mesh
 
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.models.config import (
+    ModelConfigError,
     TransformerConfig,
     config_from_hf,
     config_to_hf,
@@ -274,7 +275,7 @@ def from_pretrained(
     remat: bool = False,
     lm_head: bool = True,
     value_head: bool = False,
-    key: str = "path",
+    key: str | None = None,
 ) -> ModelHandle:
     """Load an HF model (Llama / Qwen2 / Qwen3 / Mistral; a directory or a hub name, see
     `resolve_model_dir`) into a `ModelHandle`.
@@ -282,25 +283,30 @@ def from_pretrained(
     ``dtype`` is the parameter dtype; ``compute_dtype`` defaults to it. With a ``mesh``, every
     parameter is placed directly into its shards. ``value_head=True`` adds a zero-initialised
     scalar head (a critic or reward model started from a causal LM). ``key``: the config key
-    that named ``path``, for error messages.
+    that named ``path``, which a bad directory's error starts with.
     """
-    path = resolve_model_dir(path, key)
-    hf = read_hf_config(path)
-    cfg = config_from_hf(
-        hf, param_dtype=dtype, compute_dtype=compute_dtype, remat=remat,
-        where=os.path.join(path, "config.json"),
-    )  # fmt: skip
-    reader = SafetensorsReader(path)
-    shapes = param_shapes(cfg, lm_head=lm_head, value_head=value_head)
-    shardings = param_shardings(cfg, mesh, lm_head=lm_head, value_head=value_head)
-    np_dtype = np.dtype(jax.numpy.dtype(dtype))
-    params: dict[str, Any] = {}
-    for spec in _specs(cfg, lm_head):
-        leaf = _load_leaf(
-            reader, spec, _get(shapes, spec.path), _get(shardings, spec.path), np_dtype,
-            cfg.num_layers,
+    path = resolve_model_dir(path, key or "path")
+    try:
+        hf = read_hf_config(path)
+        cfg = config_from_hf(
+            hf, param_dtype=dtype, compute_dtype=compute_dtype, remat=remat,
+            where=os.path.join(path, "config.json"),
         )  # fmt: skip
-        _set(params, spec.path, leaf)
+        reader = SafetensorsReader(path)
+        shapes = param_shapes(cfg, lm_head=lm_head, value_head=value_head)
+        shardings = param_shardings(cfg, mesh, lm_head=lm_head, value_head=value_head)
+        np_dtype = np.dtype(jax.numpy.dtype(dtype))
+        params: dict[str, Any] = {}
+        for spec in _specs(cfg, lm_head):
+            leaf = _load_leaf(
+                reader, spec, _get(shapes, spec.path), _get(shardings, spec.path), np_dtype,
+                cfg.num_layers,
+            )  # fmt: skip
+            _set(params, spec.path, leaf)
+    except (ModelConfigError, CheckpointError) as e:
+        if key is None:
+            raise
+        raise type(e)(f"{key}: {e}") from None
     if value_head:
         head_shardings = shardings["value_head"]
         params["value_head"] = {
