@@ -135,6 +135,10 @@ def _truncated_gz(m, tmp):
     return [f"data.train_path={tmp / 'rows.jsonl.gz'}"]
 
 
+def _hub_dataset(m, tmp):
+    return ["data.train_path=hf:acme/prompts?split=train"]
+
+
 def _reward_module(m, tmp):
     return ["reward.fn=no_such_reward_module:score"]
 
@@ -169,6 +173,9 @@ CASES = [
      ["bad.parquet is not a readable Parquet file", "ArrowInvalid"]),
     ("truncated jsonl.gz", _truncated_gz, OFFLINE,
      ["rows.jsonl.gz is truncated or corrupt: reading failed after line ", "EOFError"]),
+    ("hub dataset, hub unreachable", _hub_dataset, {"HF_ENDPOINT": "http://127.0.0.1:{port}"},
+     ["'hf:acme/prompts?split=train'", "the hub http://127.0.0.1:", "cannot be reached",
+      "HF_HUB_OFFLINE=1"]),
     ("reward module", _reward_module, OFFLINE,
      ["reward.fn", "'no_such_reward_module'", "No module named"]),
     ("config is a directory", _config_dir, OFFLINE, ["is a directory; expected a YAML file"]),

@@ -194,6 +194,15 @@ def read_hf(spec: str, split: str, columns: Sequence[str]) -> tuple[str, Iterato
     if unknown:
         raise DataError(f"{spec}: unknown option {sorted(unknown)[0]!r} (expected config, split).")
     hf_split = query.get("split", "test" if split == "eval" else split)
+    if not Path(parsed.path).exists():  # a hub dataset: fail at once, not after the retries
+        from jaxrlhf.models.hf_io import hub_offline_var, hub_unreachable
+
+        unreachable = None if hub_offline_var("HF_DATASETS_OFFLINE") else hub_unreachable()
+        if unreachable is not None:
+            raise DataError(
+                f"could not load HF dataset {spec!r}: {unreachable}; connect, or set "
+                "HF_HUB_OFFLINE=1 to use the datasets cache."
+            )
     try:
         ds = datasets.load_dataset(parsed.path, query.get("config"), split=hf_split)
     except Exception as e:  # datasets raises many types; the user needs the path and the cause

@@ -93,12 +93,30 @@ def resolve_model_dir(name_or_path: str, key: str = "path") -> str:
     return _hub_snapshot(name_or_path, key)
 
 
+def hub_offline_var(*also: str) -> str | None:
+    """The offline variable (``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE``, ``also``) that is
+    set, if any."""
+    from huggingface_hub import constants
+
+    true = constants.ENV_VARS_TRUE_VALUES
+    return next((v for v in (*_OFFLINE_VARS, *also) if os.environ.get(v, "").upper() in true), None)
+
+
+def hub_unreachable() -> str | None:
+    """None if the HF hub (``HF_ENDPOINT``) accepts a connection within `HUB_PROBE_TIMEOUT_S`,
+    else a phrase saying why not (``"the hub https://huggingface.co cannot be reached
+    (...)"``)."""
+    from huggingface_hub import constants
+
+    reason = _probe(constants.ENDPOINT)
+    return None if reason is None else f"the hub {constants.ENDPOINT} {reason}"
+
+
 def _hub_snapshot(name: str, key: str) -> str:
     from huggingface_hub import constants
 
     cached = _cached_snapshot(name)
-    true = constants.ENV_VARS_TRUE_VALUES
-    offline = [v for v in _OFFLINE_VARS if os.environ.get(v, "").upper() in true]
+    offline = hub_offline_var()
     if cached is not None and offline:
         return cached
     missing = (
@@ -107,12 +125,12 @@ def _hub_snapshot(name: str, key: str) -> str:
     )
     fix = f"download it first (hf download {name}) or set {key} to a local directory"
     if offline:
-        raise ConfigError(f"{missing}, and {offline[0]} is set; {fix}.")
-    unreachable = _probe(constants.ENDPOINT)
+        raise ConfigError(f"{missing}, and {offline} is set; {fix}.")
+    unreachable = hub_unreachable()
     if unreachable is not None:
         if cached is not None:
             return cached
-        raise ConfigError(f"{missing}, and the hub {constants.ENDPOINT} {unreachable}; {fix}.")
+        raise ConfigError(f"{missing}, and {unreachable}; {fix}.")
     try:
         return _download(name)
     except (OSError, ValueError) as e:  # HfHubHTTPError (not found, gated) is an OSError
