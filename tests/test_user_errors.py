@@ -296,6 +296,9 @@ def test_model_directory_errors_in_process(model_dir, tmp_path):
     (bad / "model.safetensors").write_bytes(blob[:8] + text + blob[8 + size :])
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{name}' spans"):
         SafetensorsReader(str(bad))
+    (bad / "model.safetensors").write_bytes(b"PK\x03\x04" + bytes(range(256)) * 8)  # a zip
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a safetensors file"):
+        SafetensorsReader(str(bad))
 
 
 @REWARDS.register("test_user_errors_picky")

@@ -45,6 +45,11 @@ def _read_header(file: str) -> tuple[dict, int]:
         if len(raw) != 8:
             raise CheckpointError(f"{file} is not a safetensors file (too short).")
         (size,) = struct.unpack("<Q", raw)
+        if size > os.path.getsize(file) - 8:  # e.g. a pickle or zip renamed .safetensors
+            raise CheckpointError(
+                f"{file} is not a safetensors file (its header length {size} exceeds the file); "
+                "expected a file written by safetensors (re-download or re-export it)."
+            )
         try:
             header = json.loads(f.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError):
