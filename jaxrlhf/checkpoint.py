@@ -45,10 +45,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -280,6 +282,15 @@ def _reason(err: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _quiet_abandoned_reads(unraisable: Any, default: Callable[[Any], None]) -> None:
+    """``sys.unraisablehook`` that drops the array reads a failed restore abandoned: when one
+    is collected, its own read error would print "Exception ignored in: <coroutine ...>" and a
+    traceback, long after `restore` reported the step as damaged in one line."""
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is None or code.co_name != "_read_array_index_and_device_put":
+        default(unraisable)
+
+
 class _QuietWriteErrors(logging.Filter):
     """Drops orbax's background-thread tracebacks of a failed write (a full disk): the error
     reaches the caller at the next save / wait / close as one `CheckpointIOError` sentence."""
@@ -444,9 +455,10 @@ class Checkpointer:
                 )
             return restored
         newest = max(damaged)
-        older = f" (so are the {len(damaged) - 1} older steps)" if len(damaged) > 1 else ""
+        older = ", ".join(str(s) for s in sorted(damaged)[:-1])
+        also = f" (so {'are steps' if ',' in older else 'is step'} {older})" if older else ""
         raise CheckpointIOError(
-            f"checkpoint step {newest} in {self.directory} is damaged: {damaged[newest]}{older}; "
+            f"checkpoint step {newest} in {self.directory} is damaged: {damaged[newest]}{also}; "
             "repair or remove it, or set checkpoint.resume=false."
         )
 
@@ -507,6 +519,10 @@ class Checkpointer:
             args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
             state = self._mgr.restore(step, args=args)["state"]
         except Exception as err:
+            if getattr(sys.unraisablehook, "func", None) is not _quiet_abandoned_reads:
+                sys.unraisablehook = functools.partial(
+                    _quiet_abandoned_reads, default=sys.unraisablehook
+                )
             raise _Damaged(f"an array in state/ is unreadable: {_reason(err)}") from None
         if notes:
             shown = ", ".join(notes[:6]) + (f" and {len(notes) - 6} more" if len(notes) > 6 else "")

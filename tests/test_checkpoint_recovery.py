@@ -95,18 +95,19 @@ def test_damaged_latest_step_falls_back_and_says_so(tmp_path, how):
 
 
 def test_no_intact_step_is_one_sentence_and_moves_nothing(tmp_path):
-    save_steps(tmp_path, [1, 2])
-    damage(tmp_path / "2", "truncated array")
-    damage(tmp_path / "1", "missing _METADATA")
+    save_steps(tmp_path, [1, 2, 3])
+    damage(tmp_path / "3", "truncated array")
+    damage(tmp_path / "2", "missing _METADATA")
+    damage(tmp_path / "1", "corrupt host JSON")
     with Checkpointer(CheckpointConfig(dir=str(tmp_path))) as ckpt:
         with pytest.raises(CheckpointIOError) as err:
             ckpt.restore(abstract_like(state_at(0)), report=pytest.fail)
-        assert ckpt.all_steps() == [1, 2]
+        assert ckpt.all_steps() == [1, 2, 3]
     message = str(err.value)
     assert "\n" not in message and "Traceback" not in message
-    assert message.startswith(f"checkpoint step 2 in {tmp_path} is damaged: an array in state/")
+    assert message.startswith(f"checkpoint step 3 in {tmp_path} is damaged: an array in state/")
     assert message.endswith(
-        "(so are the 1 older steps); repair or remove it, or set checkpoint.resume=false."
+        "(so are steps 1, 2); repair or remove it, or set checkpoint.resume=false."
     )
     assert not (tmp_path / "damaged").exists()
 
@@ -330,14 +331,18 @@ def test_toy_run_with_a_damaged_latest_checkpoint_resumes_from_the_previous(
     assert resumed.step == 2 and resumed.checkpointer.all_steps() == [1, 2]
 
 
-def test_launcher_resume_with_another_model_size_is_one_line(toy_run, tmp_path):
-    shutil.copytree(toy_run / "checkpoints", tmp_path / "checkpoints")
-    done = subprocess.run(
+def run_launcher(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, str(ROOT / "launchers" / "ppo.py"), "--config",
          str(ROOT / "configs" / "toy_ppo.yaml"), *TINY_MODEL, *TOY,
-         f"experiment.output_dir={tmp_path}", "actor.hidden_size=48"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+         f"experiment.output_dir={out}", *overrides],
+        capture_output=True, text=True, cwd=out, timeout=600,
     )  # fmt: skip
+
+
+def test_launcher_resume_with_another_model_size_is_one_line(toy_run, tmp_path):
+    shutil.copytree(toy_run / "checkpoints", tmp_path / "checkpoints")
+    done = run_launcher(tmp_path, "actor.hidden_size=48")
     assert done.returncode == 2, done.stderr
     ckpt_dir = (tmp_path / "checkpoints").absolute()
     assert done.stderr.strip().splitlines() == [
@@ -345,3 +350,35 @@ def test_launcher_resume_with_another_model_size_is_one_line(toy_run, tmp_path):
         "this config has 48: resume with the same model or set checkpoint.resume=false."
     ]
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["1", "2"]  # nothing moved or lost
+
+
+def test_launcher_with_no_intact_checkpoint_is_one_line(toy_run, tmp_path):
+    shutil.copytree(toy_run / "checkpoints", tmp_path / "checkpoints")
+    ckpt_dir = (tmp_path / "checkpoints").absolute()
+    damage(ckpt_dir / "2", "missing _METADATA")
+    damage(ckpt_dir / "1", "corrupt host JSON")
+    done = run_launcher(tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"data error: checkpoint step 2 in {ckpt_dir} is damaged: state/_METADATA is missing "
+        "(so is step 1); repair or remove it, or set checkpoint.resume=false."
+    ]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["1", "2"]
+
+
+def test_launcher_resumes_past_a_damaged_step_quietly(toy_run, tmp_path):
+    shutil.copytree(toy_run / "checkpoints", tmp_path / "checkpoints")
+    ckpt_dir = (tmp_path / "checkpoints").absolute()
+    damage(ckpt_dir / "2", "overwritten array")
+    done = run_launcher(tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no traceback, no "Exception ignored" from abandoned reads
+    lines = done.stdout.splitlines()
+    skipped = [line for line in lines if "is damaged" in line]
+    assert len(skipped) == 1
+    assert skipped[0].startswith(
+        f"checkpoint step 2 in {ckpt_dir} is damaged (an array in state/ is unreadable: "
+    )
+    assert skipped[0].endswith(f"): skipped, and moved to {ckpt_dir / 'damaged' / '2'}")
+    assert f"resumed from step 1 in {ckpt_dir}" in lines
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["1", "2", "damaged"]
