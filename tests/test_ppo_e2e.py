@@ -150,3 +150,15 @@ def test_loaded_model_too_short_for_prompt_and_response_is_a_config_error(tmp_pa
         "data.max_prompt_len + generation.max_new_tokens (20) must be <= the actor's "
         "max_position_embeddings (16)."
     )
+
+
+def test_missing_critic_path_fails_before_the_sft_warm_start(tmp_path, monkeypatch):
+    from jaxrlhf.config import ConfigError
+
+    def warm_start(self, actor):
+        raise AssertionError("the SFT warm start ran before the critic path was checked")
+
+    monkeypatch.setattr(PPOCoordinator, "_sft_warmup", warm_start)
+    cfg = _config(tmp_path, *PPO_CRITIC, f"critic.path={tmp_path / 'no_such_critic'}")
+    with pytest.raises(ConfigError, match=r"^critic\.path: .*no_such_critic does not exist"):
+        PPOCoordinator(cfg)

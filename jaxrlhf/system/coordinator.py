@@ -28,6 +28,7 @@ from jaxrlhf.logging import MetricsLogger, compile_totals
 from jaxrlhf.models import ModelHandle, build_model
 from jaxrlhf.models.build import build_critic, build_reference
 from jaxrlhf.models.config import TransformerConfig
+from jaxrlhf.models.hf_io import resolve_model_dir
 from jaxrlhf.system.generation_strategy import GenerationStrategy, generation_strategy
 from jaxrlhf.system.mfcs import Models, StepContext
 from jaxrlhf.system.reward_model import load_reward_model
@@ -86,6 +87,7 @@ class PPOCoordinator(RunLoop):
         self.shape_floors = ShapeFloors()  # packed shapes only grow: few recompiles per run
         self.last_trajectories = None  # the batch the last step trained on
 
+        self._check_model_paths()  # before the SFT warm start, not after it
         actor = build_model(cfg.actor, mesh=self.mesh, seed=cfg.experiment.seed)
         self._check_vocab(actor.config)
         self._check_positions(actor.config)
@@ -111,6 +113,18 @@ class PPOCoordinator(RunLoop):
                 f"{what}={cfg.vocab_size} is smaller than the tokenizer's "
                 f"{len(self.tokenizer)} tokens."
             )
+
+    def _check_model_paths(self) -> None:
+        """Every model directory the run will load exists (one sentence naming the key if not)."""
+        c = self.cfg
+        paths = {
+            "critic.path": c.critic.path if c.use_critic else None,
+            "ref.path": c.ref.path if c.use_ref else None,
+            "reward_model.path": c.reward_model.path if c.reward_model.enabled else None,
+        }
+        for key, path in paths.items():
+            if path is not None:
+                resolve_model_dir(path, key)
 
     def _check_positions(self, cfg: TransformerConfig) -> None:
         """Prompt + response must fit the model (a from-scratch model is checked by the config;
