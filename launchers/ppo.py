@@ -7,6 +7,7 @@ Parse the config, build the coordinator, run, and report the held-out reward bef
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from jaxrlhf.cli import main_guard, parse_cli
 
@@ -44,22 +45,23 @@ def _run(cfg) -> dict:
         print(config_to_yaml(cfg))
     # experiment.mode: async overlaps generation and training (docs/async.md)
     coordinator = PPOCoordinator(cfg)
-    # The plot is drawn from the whole metrics file: a resumed run's history included.
-    plot = lambda: plot_metrics(logger.jsonl_path, f"{cfg.experiment.output_dir}/metrics.png")
-    with coordinator.logger as logger:
+    logger = coordinator.logger
+    # Drawn from the whole metrics file, so a resumed run's plot shows its whole history.
+    jsonl, png = logger.jsonl_path, Path(cfg.experiment.output_dir) / "metrics.png"
+    plot = lambda: plot_metrics(jsonl, png) if distributed.is_main() and jsonl.exists() else None
+    with logger:
         try:
             summary = coordinator.run()
         except RunStopped:  # a signal or divergence (one line, main_guard): plot the run so far
-            if distributed.is_main() and logger.jsonl_path.exists():
-                plot()
+            plot()
             raise
     if not distributed.is_main():  # process 0 reports; the others only compute
         return summary
-    png = plot()
     shown = lambda ev: {k: v for k, v in ev.items() if k in ("eval/reward", "eval/response_len")}
     before, after = summary["before"], summary["after"]
     print(format_eval_table(shown(before), shown(after)))
-    print(f"metrics: {logger.jsonl_path}  plot: {png}")
+    if plot() is not None:
+        print(f"metrics: {jsonl}  plot: {png}")
     print(eval_summary_line(before["eval/reward"], after["eval/reward"], summary["steps"],
                             summary["seconds"]))  # fmt: skip
     return summary

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,16 +106,16 @@ def signal_at(
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory: pytest.TempPathFactory, launch_env: dict[str, str]):
-    """The uninterrupted run: (metrics rows, final checkpoint leaves)."""
+    """The uninterrupted run: (metrics rows, final checkpoint leaves, its output directory)."""
     out = tmp_path_factory.mktemp("straight") / "run"
     rc, _, stderr = finish(launch(out, launch_env))
     assert rc == 0, stderr
     assert checkpoint_steps(out) == [TOTAL]
-    return rows(out), checkpoint_leaves(out)
+    return rows(out), checkpoint_leaves(out), out
 
 
 def assert_resumed_equals_straight(out: Path, straight) -> None:
-    straight_rows, straight_leaves = straight
+    straight_rows, straight_leaves, _ = straight
     resumed = rows(out)
     assert [r["step"] for r in resumed] == list(range(TOTAL + 1))  # every step once (0: eval)
     assert resumed == straight_rows
@@ -156,6 +157,19 @@ def test_signal_saves_stops_and_resumes_bitwise(tmp_path, launch_env, straight, 
     assert_resumed_equals_straight(out, straight)
     moved = checkpoint_leaves(out, stopped)
     assert not all(np.array_equal(a, b) for a, b in zip(moved, straight[1], strict=True))
+
+
+def test_rerunning_a_finished_run_keeps_its_history(tmp_path, launch_env, straight):
+    """The same command again resumes at the last step, trains nothing and leaves the metrics
+    (and the plot drawn from them) as they were."""
+    out = tmp_path / "run"
+    shutil.copytree(straight[2], out)
+    (out / "metrics.png").unlink()
+    rc, stdout, stderr = finish(launch(out, launch_env))
+    assert rc == 0, stderr
+    assert f"resumed from step {TOTAL}" in stdout
+    assert rows(out) == straight[0]
+    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_sigkill_then_resume_keeps_each_step_once(tmp_path, launch_env, straight):
