@@ -475,11 +475,8 @@ class Checkpointer:
         or `ConfigError` when the step is intact but does not fit."""
         where = f"checkpoint step {step} in {self.directory}"
         try:
-            doc = dict(
-                self._mgr.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))[
-                    "host"
-                ]
-            )
+            host_args = ocp.args.Composite(host=ocp.args.JsonRestore())
+            doc = dict(self._mgr.restore(step, args=host_args)["host"])
         except Exception as err:
             raise _Damaged(f"host/ is unreadable: {_reason(err)}") from None
         if doc.pop("format", None) != HOST_FORMAT or doc.pop("step", None) != step:
@@ -520,9 +517,8 @@ class Checkpointer:
             state = self._mgr.restore(step, args=args)["state"]
         except Exception as err:
             if getattr(sys.unraisablehook, "func", None) is not _quiet_abandoned_reads:
-                sys.unraisablehook = functools.partial(
-                    _quiet_abandoned_reads, default=sys.unraisablehook
-                )
+                default = sys.unraisablehook
+                sys.unraisablehook = functools.partial(_quiet_abandoned_reads, default=default)
             raise _Damaged(f"an array in state/ is unreadable: {_reason(err)}") from None
         if notes:
             shown = ", ".join(notes[:6]) + (f" and {len(notes) - 6} more" if len(notes) > 6 else "")
