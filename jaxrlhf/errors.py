@@ -5,7 +5,8 @@ on stderr instead of a traceback.
 A layer's own user errors subclass these two, so the launcher needs no list of them:
 `ConfigError` for what a config names (``mesh.*``: ``MeshError``; ``reward.fn``:
 ``RewardLoadError``; a model directory's ``config.json``: ``ModelConfigError``), `DataError`
-for files read as input (weights: ``models.safetensors_io.CheckpointError``)."""
+for files read as input (weights: ``models.safetensors_io.CheckpointError``; a train
+checkpoint with no intact step, or a save the disk refused: ``checkpoint.CheckpointIOError``)."""
 
 from __future__ import annotations
 
