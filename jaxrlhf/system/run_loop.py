@@ -26,7 +26,6 @@ import abc
 import contextlib
 import functools
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -245,16 +244,13 @@ class RunLoop(abc.ABC):
             ranked = {k: float(v) for k, v in metrics.items() if k.startswith("eval/")}
             self.save(ranked or None)
 
-    def _close_checkpointer(self) -> None:
+    def _close_checkpointer(self, *, failing: bool = False) -> None:
         """Wait for the pending save and stop orbax's threads (when a checkpointer was made);
-        while another error propagates, a failure here does not hide it."""
+        ``failing``: another error is on its way out, which a failure here must not hide."""
         if "checkpointer" not in self.__dict__:
             return
-        if sys.exc_info()[0] is None:
+        with contextlib.suppress(Exception) if failing else contextlib.nullcontext():
             self.checkpointer.close()
-        else:
-            with contextlib.suppress(Exception):
-                self.checkpointer.close()
 
     def run(self) -> dict[str, Any]:
         """Train to ``experiment.total_steps``; returns the eval metrics before and after, the
@@ -277,8 +273,10 @@ class RunLoop(abc.ABC):
                         self._stop(reason)
                         break
                     self._one_step()
-        finally:
-            self._close_checkpointer()
+        except BaseException:  # a stop, divergence or bug: the last good save still lands
+            self._close_checkpointer(failing=True)
+            raise
+        self._close_checkpointer()
         path = self.export()
         if path is not None:
             self.say(f"exported {path}")
