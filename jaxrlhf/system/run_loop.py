@@ -33,11 +33,11 @@ from typing import Any
 import jax
 
 from jaxrlhf.checkpoint import Checkpointer, HostState, Restored, abstract_like
-from jaxrlhf.config import Config, ConfigError, config_to_yaml, save_config
+from jaxrlhf.config import Config, config_to_yaml, save_config
 from jaxrlhf.data.pipeline import load_tokenizer
 from jaxrlhf.errors import DivergedError, RunStopped
 from jaxrlhf.logging import MetricsLogger, history_entry, make_dir, to_host_scalars
-from jaxrlhf.models import MeshError, make_mesh
+from jaxrlhf.models import make_mesh
 from jaxrlhf.system import distributed
 from jaxrlhf.system.run_guards import BadSteps, StopSignals, nonfinite_leaves
 
@@ -52,10 +52,8 @@ class RunLoop(abc.ABC):
         # First, so a path that cannot serve is one sentence naming its key, before any writer.
         make_dir(cfg.experiment.output_dir, "experiment.output_dir")
         make_dir(cfg.checkpoint.dir, "checkpoint.dir")
-        try:
-            self.mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
-        except MeshError as e:
-            raise ConfigError(str(e)) from None
+        # a mesh that does not fit the devices is a MeshError, itself a ConfigError
+        self.mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
         self.tokenizer = load_tokenizer(
             cfg.data.tokenizer or cfg.actor.path,
             key="data.tokenizer" if cfg.data.tokenizer else "actor.path",
