@@ -125,3 +125,15 @@ def _leaves(tree):
     import jax
 
     return jax.tree.leaves(tree)
+
+
+def test_reference_dtypes_default_to_the_actors(tmp_path):
+    """Unset ref dtypes follow the actor (a bfloat16 actor gets a bfloat16 reference, not a
+    float32 copy twice its size)."""
+    cfg = toy_config(
+        tmp_path, *TINY, "algorithm.advantage_estimator=grpo", "algorithm.kl_coef=0.1",
+        "actor.param_dtype=bfloat16", "actor.compute_dtype=bfloat16",
+    )  # fmt: skip
+    m = PPOCoordinator(cfg).models
+    assert m.ref_cfg.param_dtype == "bfloat16" and m.ref_cfg.compute_dtype == "bfloat16"
+    assert {str(x.dtype) for x in _leaves(m.ref_params)} == {"bfloat16"}

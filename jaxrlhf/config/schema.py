@@ -176,8 +176,12 @@ class RefConfig:
 
     enabled: bool | None = _field(None, help="None: on when algorithm.kl_coef > 0")
     path: str | None = _field(None, help="HF directory; None: the actor's initial weights")
-    param_dtype: Dtype = _field("float32", help="dtype the parameters are stored in")
-    compute_dtype: Dtype = _field("float32", help="dtype of the forward pass matmuls")
+    param_dtype: Dtype | None = _field(
+        None, help="dtype the parameters are stored in; None: the actor's"
+    )
+    compute_dtype: Dtype | None = _field(
+        None, help="dtype of the forward pass matmuls; None: the actor's"
+    )
     max_tokens_per_mb: int = _field(4096, ge=1, help="token budget of one micro-batch")
 
 

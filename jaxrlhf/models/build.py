@@ -120,7 +120,12 @@ def build_critic(cfg: CriticConfig, actor: ModelHandle, *, mesh: Mesh | None = N
 
 def build_reference(cfg: RefConfig, actor: ModelHandle, *, mesh: Mesh | None = None) -> ModelHandle:
     """The frozen reference policy: ``cfg.path``, or the actor's initial weights, in the
-    reference's own dtypes either way."""
+    reference's dtypes either way (unset: the actor's)."""
+    cfg = dataclasses.replace(
+        cfg,
+        param_dtype=cfg.param_dtype or actor.config.param_dtype,
+        compute_dtype=cfg.compute_dtype or actor.config.compute_dtype,
+    )
     if cfg.path is not None:
         return _load(cfg, mesh, key="ref.path")
     return derived_model(actor, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
