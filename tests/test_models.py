@@ -365,3 +365,20 @@ def test_transformer_config_copies_every_architecture_field():
     assert built.qk_norm and not built.qkv_bias
     plain = transformer_config(ModelConfig(model_type="qwen2", rope_theta=99.0))
     assert plain.rope == RopeConfig(theta=99.0) and plain.qkv_bias and not plain.qk_norm
+
+
+def test_qwen2_without_qkv_bias_is_refused_at_export(tmp_path):
+    """HF Qwen2 always has q/k/v biases: such an export used to be written and then failed to
+    load (here and in transformers)."""
+    from jaxrlhf.models.config import ModelConfigError
+
+    cfg = TransformerConfig(
+        model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+        num_heads=2, num_kv_heads=1,
+    )  # fmt: skip
+    out = tmp_path / "export"
+    with pytest.raises(ModelConfigError, match=r"qwen2 models have q/k/v biases"):
+        save_pretrained(init_model(cfg, seed=0), str(out))
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written
+    save_pretrained(init_model(cfg.replace(qkv_bias=True), seed=0), str(out))  # with them: fine
+    assert (out / "config.json").is_file()

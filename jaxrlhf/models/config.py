@@ -262,6 +262,12 @@ def config_to_hf(cfg: TransformerConfig) -> dict[str, Any]:
         if cfg.qkv_bias != cfg.o_bias:
             raise ModelConfigError("llama models have bias on q/k/v and o together, or on none.")
         hf |= {"attention_bias": cfg.qkv_bias, "mlp_bias": cfg.mlp_bias}
+    elif cfg.model_type == "qwen2" and not cfg.qkv_bias:
+        # HF Qwen2 always has q/k/v biases: without them the export would not load back.
+        raise ModelConfigError(
+            "qwen2 models have q/k/v biases (qkv_bias=True); a model without them exports as "
+            "model_type 'llama'."
+        )
     elif cfg.model_type == "qwen3":
         hf["attention_bias"] = cfg.qkv_bias
     windows = cfg.sliding_windows
