@@ -265,6 +265,7 @@ def test_hub_name_resolves_from_the_cache_offline(model_dir, tmp_path, monkeypat
 def test_hub_probe_gives_up_quickly(monkeypatch):
     """A hub whose name or connection hangs is given HUB_PROBE_TIMEOUT_S, not a minute."""
     monkeypatch.setattr(hf_io, "HUB_PROBE_TIMEOUT_S", 0.2)
+
     def hang(*args, **kwargs):  # a connection attempt that hangs, then times out
         time.sleep(5)
         raise TimeoutError("timed out")
