@@ -283,12 +283,43 @@ def _reason(err: BaseException, limit: int = 240) -> str:
 
 
 def _quiet_abandoned_reads(unraisable: Any, default: Callable[[Any], None]) -> None:
-    """``sys.unraisablehook`` that drops the array reads a failed restore abandoned: when one
-    is collected, its own read error would print "Exception ignored in: <coroutine ...>" and a
-    traceback, long after `restore` reported the step as damaged in one line."""
+    """``sys.unraisablehook`` that drops what the array reads a failed restore abandoned leave
+    behind, long after `restore` reported the step as damaged in one line: a collected read
+    coroutine's own error ("Exception ignored in: <coroutine ...>"), and a read that finishes
+    later and hands its result to the restore's event loop, which is closed by then."""
     code = getattr(unraisable.object, "cr_code", None)
-    if code is None or code.co_name != "_read_array_index_and_device_put":
-        default(unraisable)
+    if code is not None and code.co_name == "_read_array_index_and_device_put":
+        return
+    if _is_closed_loop_callback(unraisable.exc_value, unraisable.exc_traceback):
+        return
+    default(unraisable)
+
+
+def _is_closed_loop_callback(err: BaseException | None, tb: Any) -> bool:
+    """Whether ``err`` is asyncio's "Event loop is closed", raised by ``call_soon_threadsafe``
+    (a tensorstore read completing after its loop was closed)."""
+    if not isinstance(err, RuntimeError) or str(err) != "Event loop is closed":
+        return False
+    names = []
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return "call_soon_threadsafe" in names
+
+
+class _QuietAbandonedFutures(logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" for the tensorstore reads a failed
+    restore abandoned (their error is the damage `restore` already reported)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Future exception was never retrieved"):
+            return True
+        err = record.exc_info[1] if record.exc_info else None
+        text = f"{record.getMessage()} {err!r}"
+        return not ("Error reading" in text and ("OCDBT" in text or "tensorstore" in text))
+
+
+_QUIET_FUTURES = _QuietAbandonedFutures()
 
 
 class _QuietWriteErrors(logging.Filter):
@@ -519,6 +550,7 @@ class Checkpointer:
             if getattr(sys.unraisablehook, "func", None) is not _quiet_abandoned_reads:
                 default = sys.unraisablehook
                 sys.unraisablehook = functools.partial(_quiet_abandoned_reads, default=default)
+            logging.getLogger("asyncio").addFilter(_QUIET_FUTURES)  # once: filters are a set
             raise _Damaged(f"an array in state/ is unreadable: {_reason(err)}") from None
         if notes:
             shown = ", ".join(notes[:6]) + (f" and {len(notes) - 6} more" if len(notes) > 6 else "")
